@@ -1,0 +1,239 @@
+"""Train the embedded tiny dLLM (LLaDA family) on the synthetic tasks with the LLaDA SFT objective.
+
+Reproduce the committed checkpoint with one command (resumes from ``scripts/tiny_state/`` when
+present; bit-exact across interruptions because every step's data and noise come from
+``seed`` and the step number alone)::
+
+    python scripts/train_tiny.py
+
+Objective (LLaDA SFT, GUIDELINES): the prompt stays clean; the answer, padded with EOS to the
+generation length, has each position masked with probability t ~ U(eps, 1] per row; loss is
+cross-entropy on masked positions weighted 1/t, divided by the row's answer length (EOS pads
+included, as LLaDA does), averaged over rows.  Each step draws its generation length from
+{64, 128, 256} so the model learns to fill any of the swept budgets with EOS, and sizes the
+batch to a fixed token budget.
+
+Model: native ``asynclane.backbone.Transformer`` in LLaDA form, d 256, 4 layers, 4 heads,
+SwiGLU 768, word-level vocabulary (about 3.4M parameters).  AdamW (0.9, 0.95), wd 0.1,
+linear warm-up then cosine decay to 10%, grad-norm clip 1.0, fp32, 2 threads.
+
+Training time on the project's 2-core CPU (AMD EPYC, AVX2, fp32): see ``TRAINING_LOG`` in
+``scripts/tiny_state/log.jsonl``; each line records the step, loss, masked-token accuracy,
+probe exact match and cumulative seconds.  The summary at the end of the docstring of
+``src/asynclane/tiny/README.md`` states the total.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from asynclane.backbone import ModelConfig, Transformer  # noqa: E402
+from asynclane.tiny_tokenizer import build_tokenizer, chat_prompt_ids  # noqa: E402
+from asynclane.tinymodel import export_checkpoint  # noqa: E402
+from eval.tasks import synthetic  # noqa: E402
+
+GEN_LENGTHS = (64, 128, 256)
+GEN_WEIGHTS = (0.6, 0.25, 0.15)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=10000, help="length of the lr schedule")
+    ap.add_argument("--stop-after", type=int, default=None, help="stop (resumably) at this step")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--batch-tokens", type=int, default=4096)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--save-every", type=int, default=250)
+    ap.add_argument("--probe-every", type=int, default=500)
+    ap.add_argument("--state", type=Path, default=ROOT / "scripts" / "tiny_state")
+    ap.add_argument("--out", type=Path, default=ROOT / "src" / "asynclane" / "tiny")
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--mlp", type=int, default=768)
+    return ap.parse_args(argv)
+
+
+def model_config(args, vocab_size: int) -> ModelConfig:
+    return ModelConfig(family="llada", d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+                       n_kv_heads=args.heads, mlp_hidden=args.mlp, vocab_size=vocab_size,
+                       rope_theta=10000.0, norm_eps=1e-5, qkv_bias=False, max_length=512)
+
+
+def make_batch(step: int, seed: int, tok, batch_tokens: int):
+    """Deterministic batch for ``step``: ids (B, T), key mask, answer mask, gen length."""
+    rng = random.Random(seed * 1_000_003 + step)
+    gen = rng.choices(GEN_LENGTHS, GEN_WEIGHTS)[0]
+    rows = max(4, batch_tokens // (gen + 40))
+    eos = tok.eos_token_id
+    seqs, prompt_lens = [], []
+    for i in range(rows):
+        task = synthetic.TASKS[i % len(synthetic.TASKS)]
+        p = synthetic.train_problem(task, rng)
+        prompt = chat_prompt_ids(tok, p.prompt)
+        answer = tok.encode(p.answer, add_special_tokens=False)[: gen - 1]
+        seqs.append(prompt + answer + [eos] * (gen - len(answer)))
+        prompt_lens.append(len(prompt))
+    T = max(map(len, seqs))
+    ids = torch.full((rows, T), eos, dtype=torch.long)
+    key_mask = torch.zeros(rows, T, dtype=torch.bool)
+    answer_mask = torch.zeros(rows, T, dtype=torch.bool)
+    for r, (s, pl) in enumerate(zip(seqs, prompt_lens)):
+        ids[r, : len(s)] = torch.tensor(s)
+        key_mask[r, : len(s)] = True
+        answer_mask[r, pl: len(s)] = True
+    return ids, key_mask, answer_mask, gen
+
+
+def sft_loss(model, ids, key_mask, answer_mask, gen: int, mask_id: int, g: torch.Generator, eps=1e-3):
+    B, T = ids.shape
+    t = (1 - eps) * torch.rand(B, 1, generator=g) + eps
+    masked = (torch.rand(B, T, generator=g) < t) & answer_mask
+    noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
+    positions = torch.arange(T).expand(B, T)
+    hidden = model(noisy, positions, key_mask)
+    logits = model.head(hidden[masked])
+    ce = F.cross_entropy(logits, ids[masked], reduction="none")
+    weight = 1.0 / (t.expand(B, T)[masked] * gen)
+    loss = (ce * weight).sum() / B
+    acc = (logits.argmax(-1) == ids[masked]).float().mean()
+    return loss, acc
+
+
+def lr_at(step, args):
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    frac = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+@torch.no_grad()
+def greedy_blockwise(model, prompts, gen, block, mask_id, eos_id):
+    """LLaDA low-confidence remasking, one token per step, temperature 0, left-padded batch.
+
+    Kept inside the trainer (not the project's ``blockwise`` sampler) so the training loop never
+    imports code that may change while a long run is in flight.
+    """
+    B, P = len(prompts), max(map(len, prompts))
+    T = P + gen
+    ids = torch.full((B, T), mask_id, dtype=torch.long)
+    key_mask = torch.ones(B, T, dtype=torch.bool)
+    for r, pr in enumerate(prompts):
+        ids[r, : P - len(pr)] = eos_id
+        key_mask[r, : P - len(pr)] = False
+        ids[r, P - len(pr): P] = torch.tensor(pr)
+    positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
+    for b0 in range(P, T, block):
+        for _ in range(block):
+            logits = model.head(model(ids, positions, key_mask))
+            conf, pred = logits.softmax(-1).max(-1)
+            still = ids == mask_id
+            still[:, b0 + block:] = False
+            conf = torch.where(still, conf, torch.full_like(conf, -1.0))
+            j = conf.argmax(-1)
+            rows = still.any(-1)
+            ids[rows, j[rows]] = pred[rows, j[rows]]
+    return [row[P:].tolist() for row in ids]
+
+
+def probe(model, tok, n=20, gen=64, block=32):
+    """Exact match of greedy one-token-per-step decoding on the first n held-out problems."""
+    model.eval()
+    out = {}
+    for task in synthetic.TASKS:
+        probs = synthetic.test_problems(task, n)
+        prompts = [chat_prompt_ids(tok, p.prompt) for p in probs]
+        comps = greedy_blockwise(model, prompts, gen, block, tok.mask_token_id, tok.eos_token_id)
+        texts = [tok.decode(c[: c.index(tok.eos_token_id)] if tok.eos_token_id in c else c)
+                 for c in comps]
+        out[task] = sum(synthetic.score(p, t) for p, t in zip(probs, texts)) / n
+    model.train()
+    return out
+
+
+def save_state(path: Path, step, model, opt, elapsed):
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "state.pt.tmp"
+    torch.save({"step": step, "model": model.state_dict(), "opt": opt.state_dict(), "elapsed": elapsed}, tmp)
+    os.replace(tmp, path / "state.pt")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    tok = build_tokenizer(synthetic.VOCAB_WORDS)
+    cfg = model_config(args, len(tok))
+    model = Transformer(cfg)
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.02)
+    decay = [p for p in model.parameters() if p.dim() == 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95))
+    step, elapsed = 0, 0.0
+    state_file = args.state / "state.pt"
+    if state_file.exists():
+        st = torch.load(state_file, weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step, elapsed = st["step"], st["elapsed"]
+        print(f"resumed at step {step} ({elapsed:.0f} s of training so far)", flush=True)
+    stop = min(args.steps, args.stop_after or args.steps)
+    log = open(args.state.mkdir(parents=True, exist_ok=True) or args.state / "log.jsonl", "a")
+    model.train()
+    t0 = time.time()
+    run_loss = run_acc = 0.0
+    while step < stop:
+        ids, key_mask, answer_mask, gen = make_batch(step, args.seed, tok, args.batch_tokens)
+        g = torch.Generator().manual_seed(args.seed * 7919 + step)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        loss, acc = sft_loss(model, ids, key_mask, answer_mask, gen, tok.mask_token_id, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        run_loss += loss.item()
+        run_acc += acc.item()
+        if step % 50 == 0:
+            now = time.time()
+            elapsed += now - t0
+            t0 = now
+            rec = {"step": step, "loss": round(run_loss / 50, 4), "masked_acc": round(run_acc / 50, 4),
+                   "lr": lr_at(step, args), "seconds": round(elapsed, 1)}
+            run_loss = run_acc = 0.0
+            if step % args.probe_every == 0:
+                rec["probe_gen64"] = probe(model, tok)
+                t0 = time.time()
+            print(json.dumps(rec), flush=True)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+        if step % args.save_every == 0 or step == stop:
+            elapsed += time.time() - t0
+            t0 = time.time()
+            save_state(args.state, step, model, opt, elapsed)
+            export_checkpoint(model, tok, args.out, meta={"step": step, "schedule_steps": args.steps,
+                                                          "train_seconds": round(elapsed),
+                                                          "command": "python scripts/train_tiny.py"})
+    print(f"stopped at step {step}, {elapsed:.0f} s of training", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Load a backbone from a local Hugging Face-format directory or a hub id; save one.
+
+A checkpoint directory holds an official-schema ``config.json`` (LLaDA or Dream), safetensors
+weights under official parameter names (one file, or shards with ``model.safetensors.index.json``)
+and tokenizer files with the chat template.  No ``trust_remote_code``: the weights are mapped
+by name into the native :class:`~asynclane.backbone.Transformer`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .backbone import Backbone, BackboneSpec, ModelConfig, Transformer
+from .checkpoint import config_from_official, official_config, official_names
+
+TINY_DIR = Path(__file__).resolve().parent / "tiny"
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+# end-of-answer tokens besides the config's EOS, by family (research/backbones.md §1.6, §2.6)
+EXTRA_EOS_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|eot|>")
+
+
+class CheckpointNotFound(FileNotFoundError):
+    pass
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or torch.float32
+    if str(dtype) not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid choices: {', '.join(sorted(DTYPES))}")
+    return DTYPES[str(dtype)]
+
+
+def resolve_device(device) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _local_dir(path_or_hub_id: Union[str, os.PathLike]) -> Path:
+    p = Path(path_or_hub_id).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise CheckpointNotFound(f"{p} has no config.json; a checkpoint directory needs config.json, "
+                                     "safetensors weights and tokenizer files")
+        return p
+    name = str(path_or_hub_id)
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise CheckpointNotFound(f"checkpoint directory {name!r} does not exist")
+    try:  # a hub id: use the local HF cache, download only when a network exists
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                              "*.txt", "*.jinja", "*.py"]))
+    except Exception as e:  # offline, gated, unknown id ...
+        raise CheckpointNotFound(
+            f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). Without a "
+            f"network, download it elsewhere (e.g. `huggingface-cli download {name} --local-dir DIR`), "
+            "copy DIR here and pass its path (model.path=DIR)") from None
+
+
+def read_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = ckpt / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(f.name for f in ckpt.glob("*.safetensors"))
+    if not files:
+        raise CheckpointNotFound(f"{ckpt} holds no *.safetensors weights")
+    sd = {}
+    for f in files:
+        sd.update(load_file(str(ckpt / f)))
+    return sd
+
+
+def load_tokenizer(ckpt: Path):
+    try:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(ckpt))
+    except Exception:  # a weights-only directory (tests) has no tokenizer
+        return None
+
+
+def build_spec(name: str, cfg: ModelConfig, raw: dict, tokenizer) -> BackboneSpec:
+    eos = raw.get("eos_token_id")
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer is not None:
+        for t in EXTRA_EOS_TOKENS:
+            tid = tokenizer.convert_tokens_to_ids(t)
+            if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid not in eos_ids:
+                eos_ids.append(tid)
+    if not eos_ids or raw.get("mask_token_id") is None:
+        raise ValueError(f"config.json of {name} must define mask_token_id and eos_token_id")
+    pad = raw.get("pad_token_id")
+    return BackboneSpec(
+        name=name, family=cfg.family, mask_id=int(raw["mask_token_id"]), eos_ids=tuple(eos_ids),
+        pad_id=int(pad if pad is not None else eos_ids[0]), vocab_size=cfg.vocab_size,
+        max_length=cfg.max_length, bos_id=getattr(tokenizer, "bos_token_id", None),
+        chat_template=getattr(tokenizer, "chat_template", None))
+
+
+def load_backbone(path_or_hub_id: Union[str, os.PathLike] = TINY_DIR, *, dtype=None,
+                  device=None) -> Backbone:
+    """Load a LLaDA- or Dream-schema checkpoint into the native backbone.
+
+    ``path_or_hub_id``: a local directory or a hub id (``GSAI-ML/LLaDA-8B-Instruct``).  dtype:
+    torch dtype or one of fp32/bf16/fp16 (default fp32); device: ``auto`` (cuda when available).
+    """
+    ckpt = _local_dir(path_or_hub_id)
+    raw = json.loads((ckpt / "config.json").read_text())
+    cfg = config_from_official(raw)
+    sd = read_state_dict(ckpt)
+    names = official_names(cfg)
+    missing = [o for o in names.values() if o not in sd]
+    if missing:
+        raise KeyError(f"{ckpt}: checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device="cpu")
+    model.inv_freq.copy_(Transformer(ModelConfig(**{**cfg.__dict__, "n_layers": 0})).inv_freq)
+    model.load_state_dict({n: sd[o] for n, o in names.items()}, strict=True)
+    model = model.to(device=resolve_device(device), dtype=resolve_dtype(dtype)).eval()
+    tokenizer = load_tokenizer(ckpt)
+    return Backbone(model, build_spec(str(path_or_hub_id), cfg, raw, tokenizer), tokenizer)
+
+
+def save_checkpoint(model: Transformer, out: Path, token_ids: dict, tokenizer=None,
+                    shard_size: Optional[int] = None, meta: Optional[dict] = None) -> None:
+    """Write ``model`` as an official-schema checkpoint (optionally sharded with an index)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = official_names(model.cfg)
+    sd = {names[n]: p.detach().float().contiguous().cpu() for n, p in model.state_dict().items()}
+    for f in out.glob("*.safetensors"):
+        f.unlink()
+    (out / "model.safetensors.index.json").unlink(missing_ok=True)
+    if shard_size is None:
+        save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        keys = list(sd)
+        shards = [keys[i: i + shard_size] for i in range(0, len(keys), shard_size)]
+        wmap = {}
+        for i, ks in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file({k: sd[k] for k in ks}, str(out / fname), metadata={"format": "pt"})
+            wmap.update({k: fname for k in ks})
+        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wmap}, indent=1))
+    (out / "config.json").write_text(json.dumps(official_config(model.cfg, token_ids), indent=1))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    if meta is not None:
+        (out / "training.json").write_text(json.dumps(meta, indent=1))

@@ -1,0 +1,138 @@
+"""The sampler seam: a protocol, a config base, the output type and the one registry.
+
+A sampler is a class with a ``Config`` dataclass (subclass of :class:`SamplerConfig`) and one
+method ``generate(backbone, prompts, rng) -> Generation``.  It owns its decoding loop and
+composes the pure rules in :mod:`asynclane.rules`; it never counts model calls or times itself
+(:class:`asynclane.counting.CountingBackbone` and the runner do that).
+
+Registry: the :func:`register` decorator.  Registry key == file stem == conf/sampler/<key>.yaml
+== the ``sampler`` column of results.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Optional, Protocol, Sequence, runtime_checkable
+
+import torch
+
+__all__ = ["SamplerConfig", "Generation", "Sampler", "register", "REGISTRY", "build_sampler",
+           "left_pad", "first_eos_cut"]
+
+
+@dataclass
+class SamplerConfig:
+    """Fields every sampler understands.  ``gen_length`` is the top-level override."""
+
+    gen_length: int = 128
+    temperature: float = 0.0
+
+    def __post_init__(self):
+        if self.gen_length <= 0:
+            raise ValueError(f"gen_length must be positive, got {self.gen_length}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+
+
+@dataclass
+class Generation:
+    """Output of ``Sampler.generate``.
+
+    sequences: (B, P + gen_length) final buffer; prompts are left-padded to P with the pad id.
+    prompt_length: P.  finished: (B,) True where an EOS-like token was produced.
+    trace: optional per-step records (list of dicts) for the runner to save.
+    """
+
+    sequences: torch.Tensor
+    prompt_length: int
+    finished: torch.Tensor
+    trace: Optional[list] = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """(B, gen_length): the generated region, prompt excluded."""
+        return self.sequences[:, self.prompt_length:]
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    cfg: SamplerConfig
+    can_batch: ClassVar[bool]  # False: the conformance suite skips batch==singles, saying why
+
+    def generate(self, backbone, prompts: Sequence[Sequence[int]], rng: torch.Generator) -> Generation:
+        ...
+
+
+REGISTRY: dict[str, type] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator adding a sampler to :data:`REGISTRY` under ``name``."""
+
+    def deco(cls: type) -> type:
+        if name in REGISTRY:
+            raise ValueError(f"sampler {name!r} registered twice")
+        if not (dataclasses.is_dataclass(getattr(cls, "Config", None)) and issubclass(cls.Config, SamplerConfig)):
+            raise TypeError(f"sampler {name!r} needs a Config dataclass derived from SamplerConfig")
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_all():
+    # importing the packages registers every sampler; baselines depends on asynclane, not back
+    import importlib
+
+    importlib.import_module("asynclane.samplers")
+    try:
+        importlib.import_module("baselines")
+    except ModuleNotFoundError as e:  # a bare asynclane install without baselines
+        if e.name != "baselines":
+            raise
+
+
+def build_sampler(name: str, **options: Any):
+    """Instantiate a registered sampler; unknown names or options fail with the valid choices."""
+    _load_all()
+    if name not in REGISTRY:
+        raise ValueError(f"unknown sampler {name!r}; valid choices: {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[name]
+    valid = {f.name for f in dataclasses.fields(cls.Config)}
+    bad = sorted(set(options) - valid)
+    if bad:
+        raise ValueError(f"sampler {name!r} has no option(s) {bad}; valid options: {', '.join(sorted(valid))}")
+    return cls(cls.Config(**options))
+
+
+def left_pad(prompts: Sequence[Sequence[int]], gen_length: int, pad_id: int, mask_id: int,
+             device=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Buffer (B, P + gen_length) = left-padded prompts then masks; key mask; P.
+
+    The key mask is False on padding; positions are ``key_mask.cumsum(1) - 1`` (clamped at 0),
+    so every row's first real token sits at position 0 (research/backbones.md §4.4).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
+    B, P = len(prompts), max(len(p) for p in prompts)
+    x = torch.full((B, P + gen_length), mask_id, dtype=torch.long, device=device)
+    key_mask = torch.ones_like(x, dtype=torch.bool)
+    for r, p in enumerate(prompts):
+        x[r, : P - len(p)] = pad_id
+        key_mask[r, : P - len(p)] = False
+        x[r, P - len(p): P] = torch.as_tensor(list(p), dtype=torch.long, device=device)
+    return x, key_mask, P
+
+
+def first_eos_cut(tokens: torch.Tensor, eos_ids: Sequence[int]) -> list[list[int]]:
+    """The one definition of generated tokens: up to and including the first EOS-like id."""
+    out = []
+    eos = set(int(e) for e in eos_ids)
+    for row in tokens.tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos), None)
+        out.append(row if cut is None else row[: cut + 1])
+    return out

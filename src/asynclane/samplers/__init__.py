@@ -1,0 +1,1 @@
+"""Samplers that live in the core library (AsyncLane); importing registers them."""

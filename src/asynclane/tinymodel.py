@@ -1,0 +1,14 @@
+"""The embedded tiny dLLM: where it lives and how the trainer exports it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .loading import TINY_DIR, save_checkpoint
+
+__all__ = ["TINY_DIR", "export_checkpoint"]
+
+
+def export_checkpoint(model, tok, out: Path = TINY_DIR, meta=None) -> None:
+    ids = {"mask": tok.mask_token_id, "eos": tok.eos_token_id, "pad": tok.eos_token_id,
+           "bos": tok.bos_token_id}
+    save_checkpoint(model, out, ids, tokenizer=tok, meta=meta)

@@ -1,0 +1,1 @@
+"""Competing samplers, one file each; importing the package registers them all."""

@@ -1,0 +1,1 @@
+"""`python -m eval`: tasks, scoring, runner, results."""

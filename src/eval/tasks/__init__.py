@@ -1,0 +1,1 @@
+"""Tasks: synthetic (arith, listops) and the shipped benchmarks."""
