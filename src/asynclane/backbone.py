@@ -302,22 +302,27 @@ class Backbone:
             positions = torch.arange(T, device=ids.device).expand(B, T)
         hidden = self.model(ids, positions, key_mask, cache, write, slot_mask)
         if self.cfg.shifted_logits:
-            hidden = self._shift(hidden, positions)
+            hidden = self._shift(hidden, positions, key_mask)
         if predict is not None:
             hidden = hidden.gather(1, predict[..., None].expand(-1, -1, hidden.shape[-1]))
         return self.model.head(hidden)
 
     @staticmethod
-    def _shift(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Row for position p <- hidden of position p-1 in the same call (Dream, §2.3)."""
+    def _shift(hidden: torch.Tensor, positions: torch.Tensor, key_mask=None) -> torch.Tensor:
+        """Row for position p <- hidden of position p-1 in the same call (Dream, §2.3).
+
+        Only real (non-padding) tokens are sources; position 0 keeps its own row (official).
+        """
         B, T = positions.shape
-        if T > 1 and bool((positions[:, 1:] - positions[:, :-1] == 1).all()):
+        if key_mask is None and T > 1 and bool((positions[:, 1:] - positions[:, :-1] == 1).all()):
             # contiguous fast path: the official concat(logits[:, :1], logits[:, :-1])
             out = torch.cat((hidden[:, :1], hidden[:, :-1]), dim=1)
             if bool((positions[:, 0] != 0).any()):
                 out[:, 0][positions[:, 0] != 0] = float("nan")
             return out
         match = positions[:, None, :] == (positions[:, :, None] - 1)  # (B, T, T): [j, i] i is p_j-1
+        if key_mask is not None:
+            match &= key_mask[:, None, :]
         has = match.any(-1)
         src = match.float().argmax(-1)
         src = torch.where(positions == 0, torch.arange(T, device=positions.device).expand(B, T), src)
