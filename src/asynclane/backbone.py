@@ -110,6 +110,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """fp32 RoPE inverse frequencies 1 / theta^(2j/head_dim), j < head_dim/2."""
+    ar = torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device)
+    return 1.0 / (cfg.rope_theta ** (ar / cfg.head_dim))
+
+
 class Layer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -136,8 +142,17 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
-        self.register_buffer("inv_freq", inv, persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # Both official models keep the RoPE frequencies in fp32 whatever the weight dtype.  A plain
+        # ``model.to(torch.bfloat16)`` would round them to bf16 (~0.2% error, i.e. radians of phase
+        # error at relative distances in the thousands), and ``to_empty()`` leaves them
+        # uninitialised: recompute them in fp32 (on the CPU, as at construction) after any move/cast.
+        super()._apply(fn, recurse)
+        if self.inv_freq.device.type != "meta":
+            self.inv_freq = rope_inv_freq(self.cfg, device="cpu").to(self.inv_freq.device)
+        return self
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
         ang = positions.float()[..., None] * self.inv_freq  # (B, T, hd/2), fp32

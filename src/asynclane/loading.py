@@ -46,21 +46,26 @@ def _local_dir(path_or_hub_id: Union[str, os.PathLike]) -> Path:
     p = Path(path_or_hub_id).expanduser()
     if p.is_dir():
         if not (p / "config.json").exists():
-            raise CheckpointNotFound(f"{p} has no config.json; a checkpoint directory needs config.json, "
-                                     "safetensors weights and tokenizer files")
+            raise CheckpointNotFound(f"{p} has no config.json; a checkpoint directory needs the official "
+                                     "config.json, *.safetensors weights (with model.safetensors.index.json "
+                                     "when sharded) and tokenizer files, as `hf download REPO_ID --local-dir "
+                                     "DIR` writes them; pass that DIR (model.path=DIR)")
         return p
     name = str(path_or_hub_id)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise CheckpointNotFound(f"checkpoint directory {name!r} does not exist")
+        raise CheckpointNotFound(f"checkpoint directory {name!r} does not exist; pass an existing local "
+                                 "directory holding config.json and *.safetensors (model.path=DIR), e.g. "
+                                 "one written by `hf download GSAI-ML/LLaDA-8B-Instruct --local-dir DIR`, "
+                                 "or a hub id such as GSAI-ML/LLaDA-8B-Instruct")
     try:  # a hub id: use the local HF cache, download only when a network exists
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model",
                                                               "*.txt", "*.jinja", "*.py"]))
     except Exception as e:  # offline, gated, unknown id ...
         raise CheckpointNotFound(
-            f"could not fetch {name!r} from the Hugging Face hub ({type(e).__name__}: {e}). Without a "
-            f"network, download it elsewhere (e.g. `huggingface-cli download {name} --local-dir DIR`), "
-            "copy DIR here and pass its path (model.path=DIR)") from None
+            f"{name!r} is not a local directory and could not be fetched from the Hugging Face hub "
+            f"({type(e).__name__}: {e}). Without a network, download it elsewhere (e.g. "
+            f"`hf download {name} --local-dir DIR`), copy DIR here and pass its path (model.path=DIR)") from None
 
 
 def read_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -122,8 +127,7 @@ def load_backbone(path_or_hub_id: Union[str, os.PathLike] = TINY_DIR, *, dtype=N
         raise KeyError(f"{ckpt}: checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
     with torch.device("meta"):
         model = Transformer(cfg)
-    model = model.to_empty(device="cpu")
-    model.inv_freq.copy_(Transformer(ModelConfig(**{**cfg.__dict__, "n_layers": 0})).inv_freq)
+    model = model.to_empty(device="cpu")  # Transformer._apply recomputes the fp32 RoPE buffer
     model.load_state_dict({n: sd[o] for n, o in names.items()}, strict=True)
     model = model.to(device=resolve_device(device), dtype=resolve_dtype(dtype)).eval()
     tokenizer = load_tokenizer(ckpt)
