@@ -68,9 +68,8 @@ def _local_dir(path_or_hub_id: Union[str, os.PathLike]) -> Path:
             f"`hf download {name} --local-dir DIR`), copy DIR here and pass its path (model.path=DIR)") from None
 
 
-def read_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
+def shard_files(ckpt: Path) -> list[Path]:
+    """The safetensors files of a checkpoint (from the index when sharded)."""
     index = ckpt / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -78,10 +77,40 @@ def read_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         files = sorted(f.name for f in ckpt.glob("*.safetensors"))
     if not files:
         raise CheckpointNotFound(f"{ckpt} holds no *.safetensors weights")
+    return [ckpt / f for f in files]
+
+
+def read_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint under their official names (small checkpoints, tests)."""
+    from safetensors.torch import load_file
+
     sd = {}
-    for f in files:
-        sd.update(load_file(str(ckpt / f)))
+    for f in shard_files(ckpt):
+        sd.update(load_file(str(f)))
     return sd
+
+
+def _fill_from_shards(model: Transformer, ckpt: Path) -> None:
+    """Copy official-name tensors into ``model`` shard by shard (peak memory: model + one shard)."""
+    from safetensors import safe_open
+
+    native = {o: n for n, o in official_names(model.cfg).items()}
+    params = dict(model.named_parameters())
+    seen = set()
+    with torch.no_grad():
+        for f in shard_files(ckpt):
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    if key not in native:
+                        continue  # e.g. rotary buffers some exports carry
+                    p, t = params[native[key]], fh.get_tensor(key)
+                    if p.shape != t.shape:
+                        raise ValueError(f"{ckpt}: {key} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+                    p.copy_(t)
+                    seen.add(key)
+    missing = [o for o in native if o not in seen]
+    if missing:
+        raise KeyError(f"{ckpt}: checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
 
 
 def load_tokenizer(ckpt: Path):
@@ -120,16 +149,12 @@ def load_backbone(path_or_hub_id: Union[str, os.PathLike] = TINY_DIR, *, dtype=N
     ckpt = _local_dir(path_or_hub_id)
     raw = json.loads((ckpt / "config.json").read_text())
     cfg = config_from_official(raw)
-    sd = read_state_dict(ckpt)
-    names = official_names(cfg)
-    missing = [o for o in names.values() if o not in sd]
-    if missing:
-        raise KeyError(f"{ckpt}: checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
     with torch.device("meta"):
         model = Transformer(cfg)
-    model = model.to_empty(device="cpu")  # Transformer._apply recomputes the fp32 RoPE buffer
-    model.load_state_dict({n: sd[o] for n, o in names.items()}, strict=True)
-    model = model.to(device=resolve_device(device), dtype=resolve_dtype(dtype)).eval()
+    # allocate once, directly in the target dtype/device; Transformer._apply keeps RoPE in fp32
+    model = model.to(dtype=resolve_dtype(dtype)).to_empty(device=resolve_device(device))
+    _fill_from_shards(model, ckpt)
+    model.eval()
     tokenizer = load_tokenizer(ckpt)
     return Backbone(model, build_spec(str(path_or_hub_id), cfg, raw, tokenizer), tokenizer)
 
