@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from asynclane.counting import CountingBackbone
-from asynclane.sampler import REGISTRY, Generation, _load_all, build_sampler, first_eos_cut, left_pad
+from asynclane.sampler import REGISTRY, Generation, build_sampler, first_eos_cut, left_pad
 from asynclane.testing import random_backbone, random_prompts
 
-_load_all()
+import baselines  # noqa: E402,F401  (registers every competing sampler)
 NAMES = sorted(REGISTRY)
 FAMILIES = ["llada", "dream"]
 GEN = 32

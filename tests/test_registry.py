@@ -6,13 +6,13 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from asynclane.sampler import REGISTRY, Sampler, _load_all, build_sampler
+from asynclane.sampler import REGISTRY, Sampler, build_sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLER_DIRS = [ROOT / "src" / "baselines", ROOT / "src" / "asynclane" / "samplers"]
 YAML_DIR = ROOT / "conf" / "sampler"
 
-_load_all()
+import baselines  # noqa: E402,F401  (registers every competing sampler)
 
 
 def _file_stems():

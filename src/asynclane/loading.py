@@ -114,11 +114,17 @@ def _fill_from_shards(model: Transformer, ckpt: Path) -> None:
 
 
 def load_tokenizer(ckpt: Path):
+    if not any((ckpt / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None  # a weights-only directory (tests)
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # AutoTokenizer reads config.json and warns about model_type
     try:
-        from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(str(ckpt))
-    except Exception:  # a weights-only directory (tests) has no tokenizer
-        return None
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def build_spec(name: str, cfg: ModelConfig, raw: dict, tokenizer) -> BackboneSpec:

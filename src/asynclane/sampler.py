@@ -5,7 +5,7 @@ method ``generate(backbone, prompts, rng) -> Generation``.  It owns its decoding
 composes the pure rules in :mod:`asynclane.rules`; it never counts model calls or times itself
 (:class:`asynclane.counting.CountingBackbone` and the runner do that).
 
-Registry: the :func:`register` decorator.  Registry key == file stem == conf/sampler/<key>.yaml
+Registry: the :func:`register` decorator; importing a sampler's module registers it.  Registry key == file stem == conf/sampler/<key>.yaml
 == the ``sampler`` column of results.
 """
 from __future__ import annotations
@@ -84,23 +84,15 @@ def register(name: str) -> Callable[[type], type]:
     return deco
 
 
-def _load_all():
-    # importing the packages registers every sampler; baselines depends on asynclane, not back
-    import importlib
-
-    importlib.import_module("asynclane.samplers")
-    try:
-        importlib.import_module("baselines")
-    except ModuleNotFoundError as e:  # a bare asynclane install without baselines
-        if e.name != "baselines":
-            raise
-
-
 def build_sampler(name: str, **options: Any):
-    """Instantiate a registered sampler; unknown names or options fail with the valid choices."""
-    _load_all()
+    """Instantiate a registered sampler; unknown names or options fail with the valid choices.
+
+    The registry holds what has been imported: ``asynclane`` registers its own samplers, and
+    ``import baselines`` registers every competing one (the harness does both).
+    """
     if name not in REGISTRY:
-        raise ValueError(f"unknown sampler {name!r}; valid choices: {', '.join(sorted(REGISTRY))}")
+        raise ValueError(f"unknown sampler {name!r}; valid choices: {', '.join(sorted(REGISTRY))} "
+                         "(competing samplers register on `import baselines`)")
     cls = REGISTRY[name]
     valid = {f.name for f in dataclasses.fields(cls.Config)}
     bad = sorted(set(options) - valid)

@@ -141,7 +141,7 @@ def normalize(text: str) -> str:
     return "\n".join(line for line in lines if line)
 
 
-_FINAL = re.compile(r"####\s*(-?\d+)")
+_FINAL = re.compile(r"####\s*(-?\d+(?:\.\d+)?)")  # "17.5" must not read as "17"
 
 
 def extract(task: str, completion: str) -> str:

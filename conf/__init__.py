@@ -1,0 +1,1 @@
+"""Hydra configs, installed as the package ``eval.conf`` (see pyproject.toml)."""

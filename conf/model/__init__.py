@@ -1,0 +1,1 @@
+"""Model presets: tiny (embedded), llada, dream."""

@@ -1,0 +1,1 @@
+"""Sampler presets; file stem == registry key == the sampler column of results."""

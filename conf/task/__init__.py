@@ -1,0 +1,1 @@
+"""Task presets; the name is a key of eval.tasks.TASKS."""

@@ -1,0 +1,311 @@
+"""The evaluation loop: one composed config in, ``samples.jsonl`` + ``summary.json`` out.
+
+Knows neither which sampler nor which task runs: it builds both from the config, loads the
+backbone, and for each batch of examples
+
+1. builds prompts (the task: chat template), outside the timed region;
+2. resets the :class:`~asynclane.counting.CountingBackbone`, synchronises the device, times
+   ``sampler.generate`` alone, synchronises again;
+3. cuts each row at its first EOS-like token (:func:`asynclane.sampler.first_eos_cut`, the one
+   definition of generated tokens, EOS included in the count, excluded from the text), decodes,
+   scores through the task, and appends one JSON row per example to ``samples.jsonl``.
+
+Per-row work numbers: ``nfe``, ``token_forwards`` and ``seconds`` are those of the generate call
+that produced the row.  With ``batch_size`` > 1 every row of a batch carries its batch's values
+(and the same ``batch`` key), so per-row means read as "per generate call"; the summary counts
+each batch's seconds once.  The first ``warmup`` examples a process generates are scored but
+excluded from timing (``warmup: true`` rows); a resumed run warms up again.
+
+Resume: rows carry a ``fingerprint`` of everything that decides their content (model, dtype,
+device, sampler options, task and version, seed, batch size).  A rerun in the same directory
+skips the example ids already present with the same fingerprint; rows of other fingerprints are
+kept in the file but ignored.  ``summary.json`` is computed from the rows alone (pandas).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import random
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import baselines  # noqa: F401  (importing registers every competing sampler)
+from asynclane import CheckpointNotFound, CountingBackbone, build_sampler, load_backbone
+from asynclane.loading import TINY_DIR, resolve_device, resolve_dtype
+from asynclane.sampler import first_eos_cut
+
+from .tasks import build_task
+
+log = logging.getLogger(__name__)
+
+SAMPLES, SUMMARY = "samples.jsonl", "summary.json"
+# config keys that decide a row's content; the others (limit, warmup, threads, hydra) do not
+FINGERPRINT_KEYS = ("model", "sampler", "task", "seed", "batch_size", "dtype", "device")
+# task keys that only choose which examples run (ids are stable), not what a row holds
+SELECTION_KEYS = ("limit", "n")
+
+
+class UsageError(ValueError):
+    """A bad configuration value; the message names the value and the valid choices."""
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict:
+    """Evaluate ``cfg`` (the composed config of conf/config.yaml), writing into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    conf = OmegaConf.to_container(cfg, resolve=True)
+    _check_top_level(conf)
+    task = _build_task(conf["task"])
+    sampler_name, sampler = _build_sampler(conf["sampler"])
+    device = resolve_device(conf["device"])
+    conf["device"] = str(device)
+    try:
+        dtype = resolve_dtype(conf["dtype"])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    fingerprint = _fingerprint(conf)
+    seed = int(conf["seed"])
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if conf.get("threads"):
+        torch.set_num_threads(int(conf["threads"]))
+
+    examples = task.examples(conf["limit"], seed, conf["limit_mode"])
+    samples = out_dir / SAMPLES
+    done = {r["example_id"] for r in read_rows(samples) if r.get("fingerprint") == fingerprint}
+    todo = [ex for ex in examples if ex.id not in done]
+    log.info("%s: %d examples, %d already in %s, %d to run", task.name, len(examples), len(examples) - len(todo),
+             samples, len(todo))
+
+    if todo:
+        path = conf["model"].get("path") or TINY_DIR
+        log.info("loading %s from %s (%s, %s)", conf["model"]["name"], path, dtype, device)
+        backbone = load_backbone(path, dtype=dtype, device=device)
+        if backbone.tokenizer is None:
+            raise CheckpointNotFound(f"{path} has no tokenizer files; the runner needs them to build prompts")
+        common = {"task": task.name, "task_version": task.version, "sampler": sampler_name,
+                  "model": conf["model"]["name"], "gen_length": sampler.cfg.gen_length, "seed": seed,
+                  "batch_size": int(conf["batch_size"]), "fingerprint": fingerprint}
+        _generate_all(task, sampler, backbone, todo, conf, common, samples)
+
+    ids = {ex.id for ex in examples}
+    rows = [r for r in read_rows(samples) if r.get("fingerprint") == fingerprint and r["example_id"] in ids]
+    summary = summarize(rows)
+    summary.update(environment(device, dtype))
+    summary.update(sampler=sampler_name, task=task.name, task_version=task.version, model=conf["model"]["name"],
+                   fingerprint=fingerprint, config=conf)
+    (out_dir / SUMMARY).write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    log.info("wrote %s and %s", samples, out_dir / SUMMARY)
+    return summary
+
+
+def _generate_all(task, sampler, backbone, todo, conf, common, samples: Path) -> None:
+    from tqdm import tqdm
+
+    counter = CountingBackbone(backbone)
+    tok, eos_ids = backbone.tokenizer, backbone.spec.eos_ids
+    bs, warm_left = int(conf["batch_size"]), int(conf["warmup"])
+    on_cuda = backbone.device.type == "cuda"
+    done, n_correct, every = 0, 0, max(1, len(todo) // 10)  # a log line each ~10% (no tty: no bar)
+    with _appender(samples) as out, tqdm(total=len(todo), desc=f"{common['sampler']}/{task.name}",
+                                         unit="ex", disable=None) as bar:
+        for start in range(0, len(todo), bs):
+            batch = todo[start: start + bs]
+            prompts = [task.build_prompt(tok, ex) for ex in batch]
+            # one generator per call, seeded by (seed, first example id): resumes reproduce
+            rng = torch.Generator(device=backbone.device).manual_seed(_derive_seed(common["seed"], batch[0].id))
+            counter.reset()
+            if on_cuda:
+                torch.cuda.synchronize(backbone.device)
+            t0 = time.perf_counter()
+            gen = sampler.generate(counter, prompts, rng)
+            if on_cuda:
+                torch.cuda.synchronize(backbone.device)
+            seconds = time.perf_counter() - t0
+            warm = warm_left > 0
+            warm_left -= len(batch)
+            cuts = first_eos_cut(gen.tokens, eos_ids)
+            for ex, prompt, cut, fin in zip(batch, prompts, cuts, gen.finished.tolist()):
+                text_ids = cut[:-1] if cut and cut[-1] in eos_ids else cut
+                completion = tok.decode(text_ids, skip_special_tokens=True)
+                row = {"example_id": ex.id, **common, "completion": completion, "answer": ex.answer,
+                       "prediction": task.extract(completion), **task.score(ex, completion),
+                       "gen_tokens": len(cut), "prompt_tokens": len(prompt), "finished": bool(fin),
+                       "nfe": counter.nfe, "token_forwards": counter.token_forwards, "seconds": seconds,
+                       "warmup": warm, "batch": f"{common['fingerprint']}:{batch[0].id}"}
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+                n_correct += row["correct"]
+            bar.update(len(batch))
+            done += len(batch)
+            if done // every > (done - len(batch)) // every or done == len(todo):
+                log.info("%d/%d done, accuracy so far %.3f", done, len(todo), n_correct / done)
+
+
+class _appender:
+    """Append mode that first repairs a last line cut short by a killed run."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        if self.path.exists() and self.path.stat().st_size:
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+            if torn:
+                with open(self.path, "a") as f:
+                    f.write("\n")
+        self.f = open(self.path, "a", encoding="utf-8")
+        return self.f
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a ``samples.jsonl``; a torn line (killed run) is skipped with a warning."""
+    if not Path(path).exists():
+        return []
+    rows = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("%s:%d is not a complete JSON row (killed run?); ignored", path, n)
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Aggregates of result rows (a group-by, nothing measured here).
+
+    tps: generated tokens (to the first EOS, inclusive) / generate seconds, warm-up rows
+    excluded, each batch's seconds counted once.  tps_budget: the all-budget convention some
+    papers use, ``gen_length`` tokens per example over the same seconds; labelled, never mixed.
+    """
+    import pandas as pd
+
+    if not rows:
+        return {"n": 0, "accuracy": None}
+    df = pd.DataFrame(rows)
+    timed = df[~df["warmup"].astype(bool)]
+    secs = timed.drop_duplicates("batch")["seconds"].sum() if len(timed) else 0.0
+    flags = [c for c in df.columns if df[c].dtype == bool and c not in ("warmup", "finished")]
+    out: dict[str, Any] = {
+        "n": int(len(df)), "n_timed": int(len(timed)), "accuracy": float(df["correct"].mean()),
+        **{f"accuracy_{c}": float(df[c].mean()) for c in flags if c != "correct"},
+        "finished_rate": float(df["finished"].mean()),
+        "tps": float(timed["gen_tokens"].sum() / secs) if secs > 0 else None,
+        "tps_budget": float(timed["gen_length"].sum() / secs) if secs > 0 else None,
+        "nfe_mean": float(df["nfe"].mean()),
+        "token_forwards_mean": float(df["token_forwards"].mean()),
+        "tokens_per_nfe": float(df["gen_tokens"].sum() / df["nfe"].sum()) if df["nfe"].sum() else None,
+        "seconds_mean": float(timed["seconds"].mean()) if len(timed) else None,
+        "gen_tokens_mean": float(df["gen_tokens"].mean()),
+        "conventions": {
+            "gen_tokens": "generated tokens up to and including the first EOS-like token, prompt excluded",
+            "tps": "sum gen_tokens / sum generate seconds over non-warm-up rows (each batch once)",
+            "tps_budget": "gen_length tokens per example / the same seconds (all-budget convention)",
+            "nfe": "model forward calls per generate call (batch value on each row)",
+            "tokens_per_nfe": "sum gen_tokens / sum nfe",
+        },
+    }
+    if not len(timed):
+        log.warning("every row is a warm-up row: no timing aggregates (raise limit or set warmup=0)")
+    return out
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> dict:
+    import transformers
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = _cpu_name()
+    return {"device": str(device), "device_name": name, "dtype": str(dtype).replace("torch.", ""),
+            "torch_version": torch.__version__, "transformers_version": transformers.__version__,
+            "python_version": platform.python_version(), "cpu_threads": torch.get_num_threads(),
+            "git_commit": _git("rev-parse", "HEAD"), "git_dirty": _git_dirty()}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git(*args: str) -> Optional[str]:
+    try:
+        res = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
+def _git_dirty() -> Optional[bool]:
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
+
+
+def _check_top_level(conf: dict) -> None:
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise UsageError(msg)
+
+    need(isinstance(conf.get("gen_length"), int) and conf["gen_length"] > 0,
+         f"gen_length must be a positive integer, got {conf.get('gen_length')!r}")
+    need(conf.get("limit") is None or (isinstance(conf["limit"], int) and conf["limit"] >= 0),
+         f"limit must be a non-negative integer or null, got {conf.get('limit')!r}")
+    need(conf.get("limit_mode") in ("first", "random"),
+         f"unknown limit_mode {conf.get('limit_mode')!r}; valid choices: first, random")
+    need(isinstance(conf.get("batch_size"), int) and conf["batch_size"] >= 1,
+         f"batch_size must be an integer >= 1, got {conf.get('batch_size')!r}")
+    need(isinstance(conf.get("warmup"), int) and conf["warmup"] >= 0,
+         f"warmup must be an integer >= 0, got {conf.get('warmup')!r}")
+    need(isinstance(conf.get("seed"), int), f"seed must be an integer, got {conf.get('seed')!r}")
+    need(conf.get("threads") is None or (isinstance(conf["threads"], int) and conf["threads"] >= 1),
+         f"threads must be an integer >= 1 or null, got {conf.get('threads')!r}")
+
+
+def _build_task(task_conf: dict):
+    options = {k: v for k, v in task_conf.items() if k != "limit"}  # limit: the top-level default
+    try:
+        return build_task(options.pop("name"), **options)
+    except (ValueError, KeyError) as e:
+        raise UsageError(str(e)) from None
+
+
+def _build_sampler(sampler_conf: dict):
+    options = dict(sampler_conf)
+    name = options.pop("name", None)
+    if name is None:
+        raise UsageError("the sampler config has no `name`; conf/sampler/<name>.yaml must set name: <name>")
+    try:
+        return name, build_sampler(name, **options)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+
+
+def _fingerprint(conf: dict) -> str:
+    key = {k: conf.get(k) for k in FINGERPRINT_KEYS}
+    key["task"] = {k: v for k, v in key["task"].items() if k not in SELECTION_KEYS}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _derive_seed(seed: int, example_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{example_id}".encode()).digest()[:7], "little")
+
