@@ -1,2 +1,4 @@
 """Competing samplers, one file each; importing the package registers them all."""
 from . import blockwise  # noqa: F401  (importing registers the sampler)
+from . import dream  # noqa: F401
+from . import fast_dllm  # noqa: F401
