@@ -316,3 +316,40 @@ def finished_at_eos(tokens: torch.Tensor, mask_id: int, eos_ids) -> torch.Tensor
     first = torch.where(has, eos.float().argmax(-1), torch.full_like(has, tokens.shape[-1], dtype=torch.long))
     before = torch.arange(tokens.shape[-1], device=tokens.device) < first[:, None]
     return has & ~((tokens == mask_id) & before).any(-1)
+
+
+# =========================================================================== appended: d3LLM multi-block
+# d3LLM's inference-only multi-block decoder (research/asynclane.md §3.10, §5; src/baselines/d3llm.py).
+
+__all__ += ["commit_best_in", "fill_after_first_eos"]
+
+
+def commit_best_in(commit: torch.Tensor, score: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: ``commit`` plus, in each row whose ``region`` got no commit, the region's best position.
+
+    d3LLM forced progress [C] (asynclane.md §5): after the entropy-threshold rule, the first
+    fully activated block that still holds masks must decode at least one token; if none of its
+    positions was selected, its lowest-entropy (highest-score) masked position is added.  Only
+    eligible (finite ``score``) positions of ``region`` (B, L) count; a row whose region has none
+    is left as it is.  Ties break toward the lower index.
+    """
+    eligible = region & (score > _NEG_INF)
+    need = eligible.any(-1) & ~(commit & region).any(-1)  # (B,)
+    best = torch.where(eligible, score, torch.full_like(score, _NEG_INF)).argmax(-1)  # first max: lowest index
+    add = torch.zeros_like(commit)
+    add[torch.arange(score.shape[0], device=score.device), best] = True
+    return commit | (add & need[:, None])
+
+
+def fill_after_first_eos(tokens: torch.Tensor, eos_ids, fill_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens', hit): every position after each row's first EOS-like token set to ``fill_id``.
+
+    d3LLM ``handle_early_stop`` [C] (asynclane.md §3.9): as soon as any EOS is *decoded*, the
+    rest of the answer becomes EOS (not mask) and takes no further part in decoding, even
+    while masks remain before it.  ``tokens``: (B, L) generated region, returned as a new
+    tensor; ``hit``: (B,) bool, rows holding an EOS-like token.  The reference tests one id;
+    here every id of ``eos_ids`` counts.
+    """
+    eos = torch.isin(tokens, torch.as_tensor(list(eos_ids), device=tokens.device))
+    after = (eos.long().cumsum(-1) - eos.long()) > 0  # strictly after the first EOS-like token
+    return tokens.masked_fill(after, fill_id), eos.any(-1)

@@ -91,7 +91,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         backbone = load_backbone(path, dtype=dtype, device=device)
         if backbone.tokenizer is None:
             raise CheckpointNotFound(f"{path} has no tokenizer files; the runner needs them to build prompts")
-        common = {"task": task.name, "task_version": task.version, "sampler": sampler_name,
+        common = {"task": task.name, "task_version": task.version, "task_variant": getattr(task, "variant", ""),
+                  "sampler": sampler_name,
                   "model": conf["model"]["name"], "gen_length": sampler.cfg.gen_length, "seed": seed,
                   "batch_size": int(conf["batch_size"]), "fingerprint": fingerprint}
         _generate_all(task, sampler, backbone, todo, conf, common, samples)
@@ -100,7 +101,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     rows = [r for r in read_rows(samples) if r.get("fingerprint") == fingerprint and r["example_id"] in ids]
     summary = summarize(rows)
     summary.update(environment(device, dtype))
-    summary.update(sampler=sampler_name, task=task.name, task_version=task.version, model=conf["model"]["name"],
+    summary.update(sampler=sampler_name, task=task.name, task_version=task.version,
+                   task_variant=getattr(task, "variant", ""), model=conf["model"]["name"],
                    fingerprint=fingerprint, config=conf)
     (out_dir / SUMMARY).write_text(json.dumps(summary, indent=1, default=str) + "\n")
     log.info("wrote %s and %s", samples, out_dir / SUMMARY)

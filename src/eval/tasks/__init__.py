@@ -5,9 +5,14 @@ from typing import Optional
 
 from . import synthetic
 from .base import TASKS, ChatTask, Example, Task, build_task, register_task, select
+# the shipped benchmarks (data in src/eval/data, see PROVENANCE.md there); importing registers them
+from .gsm8k import GSM8KTask
+from .humaneval import HumanEvalTask
+from .math500 import Math500Task
+from .mbpp import MBPPTask
 
 __all__ = ["TASKS", "Example", "Task", "ChatTask", "build_task", "register_task", "select",
-           "ArithTask", "ListopsTask"]
+           "ArithTask", "ListopsTask", "GSM8KTask", "Math500Task", "HumanEvalTask", "MBPPTask"]
 
 
 class _SyntheticTask(ChatTask):

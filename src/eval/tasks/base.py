@@ -39,8 +39,10 @@ class Task(Protocol):
     def extract(self, completion: str) -> str:
         """The part of a completion that the primary score compares (for the results row)."""
 
-    def score(self, example: Example, completion: str) -> dict[str, bool]:
-        """Named correctness flags; ``correct`` is the primary one."""
+    def score(self, example: Example, completion: str) -> dict[str, Any]:
+        """Named correctness flags (bools; ``correct`` is the primary one), optionally with
+        non-bool diagnostics (e.g. a code task's ``exec_status``) that go into the row as they
+        are; summaries aggregate the bool flags only."""
 
 
 def select(items: Sequence, limit: Optional[int], seed: int, mode: str) -> list:

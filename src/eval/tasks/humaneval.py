@@ -1,0 +1,109 @@
+"""HumanEval (Chen et al. 2021): 164 problems, pass@1 by running the official tests.
+
+Variants:
+
+``completion``
+    the bare prompt (signature and docstring) as plain text; the model continues the function.
+``instruct``
+    lm-eval's ``humaneval_instruct``: one user turn "Write a solution to the following problem
+    and make sure that it passes the tests:\\n```python\\n{prompt}\\n```\\n" through the chat
+    template, and the answer started for the model (``gen_prefix``) with "Here is the completed
+    function:\\n```python\\n{prompt}\\n", so it continues the function inside an open code block.
+
+Post-processing (``postprocess``), recorded in the config and the row's ``prediction``:
+
+``sanitize`` (default; the sanitiser ``sanitize-v1`` of :func:`eval.tasks.extract.sanitize_code`)
+    the code of the completion's Markdown block (for ``instruct``: up to the fence that closes
+    the block the prefix opened), appended to the prompt; then the longest parseable stretch,
+    keeping only imports, definitions and assignments (prose, ``print`` calls, stray asserts and
+    ``__main__`` blocks go).
+``none`` (lm-eval exactly)
+    ``completion``: prompt + completion cut at the first of ``\\nclass``, ``\\ndef``, ``\\n#``,
+    ``\\nif``, ``\\nprint``; ``instruct``: prompt + completion cut at the first ```` ``` ````.
+
+The program run is ``code + "\\n" + test + "\\n" + "check(entry_point)"`` in
+:mod:`eval.sandbox` (a separate process, limits, no network); ``correct`` means it exited
+cleanly after running every test.  ``exec_status`` (passed/failed/timeout/error) and the end
+of its stderr (``exec_error``) go into the row too.
+"""
+from __future__ import annotations
+
+from .. import sandbox
+from . import extract as X
+from .base import Example, register_task
+from .datafiles import load_records
+from .prompting import BenchmarkTask, Prompt, check_choice
+
+__all__ = ["HumanEvalTask", "COMPLETION_STOPS", "INSTRUCTION", "GEN_PREFIX", "exec_flags"]
+
+FIELDS = ("task_id", "prompt", "entry_point", "canonical_solution", "test")
+COMPLETION_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+INSTRUCTION = ("Write a solution to the following problem and make sure that it passes the tests:\n"
+               "```python\n{prompt}\n```\n")
+GEN_PREFIX = "Here is the completed function:\n```python\n{prompt}\n"
+ERROR_TAIL = 400  # characters of stderr kept in a result row
+
+
+def exec_flags(program: str, cfg: sandbox.SandboxConfig) -> dict:
+    """Run ``program`` in the sandbox: the score fields of a code task."""
+    res = sandbox.run_program(program, cfg)
+    return {"correct": res.passed, "exec_status": res.status,
+            "exec_error": "" if res.passed else res.stderr[-ERROR_TAIL:]}
+
+
+@register_task("humaneval")
+class HumanEvalTask(BenchmarkTask):
+    """HumanEval pass@1 (greedy: one completion per problem)."""
+
+    version = "humaneval-v1"
+
+    def __init__(self, variant: str = "instruct", postprocess: str = "sanitize", timeout: float = 10.0,
+                 memory_mb: int = 2048):
+        check_choice("humaneval", "variant", variant, ("completion", "instruct"))
+        check_choice("humaneval", "postprocess", postprocess, ("sanitize", "none"))
+        self.variant_name, self.postprocess = variant, postprocess
+        self.sandbox = sandbox.SandboxConfig(timeout=float(timeout), memory_mb=int(memory_mb))
+
+    @property
+    def variant(self) -> str:
+        return f"{self.variant_name}-{X.SANITIZER if self.postprocess == 'sanitize' else 'raw'}"
+
+    def _build_pool(self) -> list[Example]:
+        rows = load_records("humaneval/HumanEval.jsonl.gz", FIELDS)
+        out = []
+        for r in rows:
+            n = int(r["task_id"].split("/")[-1])
+            out.append(Example(id=f"humaneval-{n:03d}", prompt=r["prompt"],
+                               answer=f"{r['test']}\ncheck({r['entry_point']})",
+                               meta={"task_id": r["task_id"], "entry_point": r["entry_point"], "test": r["test"],
+                                     "canonical_solution": r["canonical_solution"]}))
+        return out
+
+    def prompt(self, example: Example) -> Prompt:
+        if self.variant_name == "completion":
+            return Prompt(text=example.prompt)
+        return Prompt(messages=({"role": "user", "content": INSTRUCTION.format(prompt=example.prompt)},),
+                      gen_prefix=GEN_PREFIX.format(prompt=example.prompt))
+
+    def body(self, completion: str) -> str:
+        """The part of the completion that follows the prompt in the program."""
+        if self.postprocess == "none":
+            stops = COMPLETION_STOPS if self.variant_name == "completion" else ("```",)
+            return X.cut_at_stops(completion, stops)
+        return X.code_from_fences(completion, opened=self.variant_name == "instruct")
+
+    def code(self, example: Example, completion: str) -> str:
+        """The function the completion amounts to (without the tests)."""
+        code = example.prompt + self.body(completion)
+        if self.postprocess == "none":
+            return code
+        return X.sanitize_code(code, example.meta["entry_point"], fences=False)
+
+    def program(self, example: Example, completion: str) -> str:
+        return f"{self.code(example, completion)}\n{example.meta['test']}\ncheck({example.meta['entry_point']})\n"
+
+    def extract(self, completion: str) -> str:
+        return self.body(completion)  # the program is prompt + this (then sanitised), + the tests
+
+    def score(self, example: Example, completion: str) -> dict:
+        return exec_flags(self.program(example, completion), self.sandbox)
