@@ -353,3 +353,42 @@ def fill_after_first_eos(tokens: torch.Tensor, eos_ids, fill_id: int) -> tuple[t
     eos = torch.isin(tokens, torch.as_tensor(list(eos_ids), device=tokens.device))
     after = (eos.long().cumsum(-1) - eos.long()) > 0  # strictly after the first EOS-like token
     return tokens.masked_fill(after, fill_id), eos.any(-1)
+
+
+# =========================================================================== appended: AsyncLane fork test
+# research/asynclane.md §3.4 (reconstruction, ours): when does a generate lane fork?
+
+__all__ += ["fork_point"]
+
+
+def fork_point(tokens: torch.Tensor, confidence: torch.Tensor, lo: int, hi: int, mask_id: int,
+               delimiters, delimiter_threshold: float, max_residual_fraction: float,
+               min_prefix: int) -> Optional[int]:
+    """The rightmost boundary ``p`` in ``[lo, hi)`` at which a block may fork, or ``None``.
+
+    AsyncLane fork trigger (the paper names "a delimiter boundary" with a mostly settled prefix
+    [P]; the test below is our reconstruction, asynclane.md §3.4): ``tokens[p]`` is a committed
+    delimiter (in ``delimiters``, committed with ``confidence[p] >= delimiter_threshold``), the
+    prefix ``[lo, p]`` has ``p + 1 - lo >= min_prefix`` tokens, and its masks number at least one
+    (something left to refine) and at most ``max_residual_fraction`` of it (mostly settled).
+    ``tokens``, ``confidence``: 1-D over absolute positions (the confidence each token was
+    committed with); only ``[lo, hi)`` is read.
+    """
+    delims = set(int(d) for d in delimiters)
+    if not delims or hi <= lo:
+        return None
+    block = tokens[lo:hi].tolist()
+    conf = confidence[lo:hi].tolist()
+    masked = [t == mask_id for t in block]
+    residual = 0
+    prefix_masks = []  # masks in [lo, lo + j]
+    for m in masked:
+        residual += m
+        prefix_masks.append(residual)
+    for j in range(hi - lo - 1, -1, -1):
+        if block[j] == mask_id or block[j] not in delims or not conf[j] >= delimiter_threshold:
+            continue
+        n, r = j + 1, prefix_masks[j]
+        if n >= min_prefix and 1 <= r <= max_residual_fraction * n:
+            return lo + j
+    return None

@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Optional, Protocol, Sequence, runtim
 import torch
 
 __all__ = ["SamplerConfig", "Generation", "Sampler", "register", "REGISTRY", "build_sampler",
-           "left_pad", "first_eos_cut"]
+           "left_pad", "init_buffer", "first_eos_cut"]
 
 
 @dataclass
@@ -118,6 +118,19 @@ def left_pad(prompts: Sequence[Sequence[int]], gen_length: int, pad_id: int, mas
         key_mask[r, : P - len(p)] = False
         x[r, P - len(p): P] = torch.as_tensor(list(p), dtype=torch.long, device=device)
     return x, key_mask, P
+
+
+def init_buffer(backbone, prompts: Sequence[Sequence[int]], gen_length: int):
+    """The decoding buffer every sampler starts from: ``(x, key_mask, positions, P)``.
+
+    ``x`` (B, P + gen_length): left-padded prompts then ``gen_length`` mask tokens (see
+    :func:`left_pad`); ``positions``: each row's absolute positions, restarting at its first real
+    token; ``P``: the padded prompt length (the generated region is ``x[:, P:]``).
+    """
+    spec = backbone.spec
+    x, key_mask, P = left_pad(prompts, gen_length, spec.pad_id, spec.mask_id, device=backbone.device)
+    positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
+    return x, key_mask, positions, P
 
 
 def first_eos_cut(tokens: torch.Tensor, eos_ids: Sequence[int]) -> list[list[int]]:

@@ -73,7 +73,7 @@ from typing import Optional, Sequence
 import torch
 
 from asynclane import rules
-from asynclane.sampler import Generation, SamplerConfig, left_pad, register
+from asynclane.sampler import Generation, SamplerConfig, init_buffer, register
 
 REMASKING = ("low_confidence", "random")
 
@@ -124,8 +124,7 @@ class BlockwiseSampler:
     @torch.no_grad()
     def generate(self, backbone, prompts: Sequence[Sequence[int]], rng: torch.Generator) -> Generation:
         cfg, spec = self.cfg, backbone.spec
-        x, key_mask, P = left_pad(prompts, cfg.gen_length, spec.pad_id, spec.mask_id, device=backbone.device)
-        positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
+        x, key_mask, positions, P = init_buffer(backbone, prompts, cfg.gen_length)
         eos_col = torch.tensor([spec.eos_id], device=x.device)
         eos_eot_cols = torch.tensor(spec.eos_ids, device=x.device)
 

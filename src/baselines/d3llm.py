@@ -114,7 +114,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from asynclane import rules
-from asynclane.sampler import Generation, SamplerConfig, left_pad, register
+from asynclane.sampler import Generation, SamplerConfig, init_buffer, register
 
 CACHES = ("none", "delayed")
 
@@ -170,8 +170,7 @@ class D3llmSampler:
     @torch.no_grad()
     def generate(self, backbone, prompts: Sequence[Sequence[int]], rng: torch.Generator) -> Generation:
         cfg, spec = self.cfg, backbone.spec
-        x, key_mask, P = left_pad(prompts, cfg.gen_length, spec.pad_id, spec.mask_id, device=backbone.device)
-        positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
+        x, key_mask, positions, P = init_buffer(backbone, prompts, cfg.gen_length)
         (B, T), Lb, G, dev = x.shape, cfg.block_length, cfg.gen_length, x.device
         nb = G // Lb
         cache = None if cfg.cache == "none" else backbone.new_cache(B, T)

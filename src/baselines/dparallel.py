@@ -76,7 +76,7 @@ from typing import Sequence
 import torch
 
 from asynclane import rules
-from asynclane.sampler import Generation, SamplerConfig, left_pad, register
+from asynclane.sampler import Generation, SamplerConfig, init_buffer, register
 
 
 @dataclass
@@ -110,8 +110,7 @@ class DParallelSampler:
     @torch.no_grad()
     def generate(self, backbone, prompts: Sequence[Sequence[int]], rng: torch.Generator) -> Generation:
         cfg, spec = self.cfg, backbone.spec
-        x, key_mask, P = left_pad(prompts, cfg.gen_length, spec.pad_id, spec.mask_id, device=backbone.device)
-        positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
+        x, key_mask, positions, P = init_buffer(backbone, prompts, cfg.gen_length)
         B, Lb = x.shape[0], cfg.block_length
         block_rows = torch.arange(Lb, device=x.device).expand(B, Lb)
         mask_col = torch.tensor([spec.mask_id], device=x.device)

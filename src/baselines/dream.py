@@ -78,7 +78,7 @@ from typing import Optional, Sequence
 import torch
 
 from asynclane import rules
-from asynclane.sampler import Generation, SamplerConfig, left_pad, register
+from asynclane.sampler import Generation, SamplerConfig, init_buffer, register
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 _MEASURE = {"maskgit_plus": "prob", "topk_margin": "margin", "entropy": "neg_entropy"}
@@ -128,8 +128,7 @@ class DreamSampler:
     @torch.no_grad()
     def generate(self, backbone, prompts: Sequence[Sequence[int]], rng: torch.Generator) -> Generation:
         cfg, spec = self.cfg, backbone.spec
-        x, key_mask, P = left_pad(prompts, cfg.gen_length, spec.pad_id, spec.mask_id, device=backbone.device)
-        positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
+        x, key_mask, positions, P = init_buffer(backbone, prompts, cfg.gen_length)
         timesteps = rules.dream_timesteps(cfg.num_steps, cfg.eps, device=x.device)
         sample = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, rng=rng)
         mask_col = torch.tensor([spec.mask_id], device=x.device)

@@ -101,7 +101,7 @@ from typing import Optional, Sequence
 import torch
 
 from asynclane import rules
-from asynclane.sampler import Generation, SamplerConfig, left_pad, register
+from asynclane.sampler import Generation, SamplerConfig, init_buffer, register
 
 CACHES = ("none", "prefix", "dual")
 
@@ -158,8 +158,7 @@ class FastDllmSampler:
         cfg, spec = self.cfg, backbone.spec
         first_only = cfg.first_after_refresh(spec.family)
         self._check_dream_rows(spec.family, first_only)
-        x, key_mask, P = left_pad(prompts, cfg.gen_length, spec.pad_id, spec.mask_id, device=backbone.device)
-        positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
+        x, key_mask, positions, P = init_buffer(backbone, prompts, cfg.gen_length)
         B, Lb = x.shape[0], cfg.block_length
         cache = None if cfg.cache == "none" else backbone.new_cache(B, x.shape[1])
         block_rows = torch.arange(Lb, device=x.device).expand(B, Lb)  # the block's rows within a call

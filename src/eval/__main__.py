@@ -3,7 +3,10 @@
 Configs live in the package ``eval.conf`` (the repository's conf/), so this works from any
 directory.  Results go to Hydra's run directory (``hydra.run.dir=...`` to choose it); a rerun
 into the same directory resumes.  Bad configuration values and missing checkpoints print one
-error line and exit with status 2 (set HYDRA_FULL_ERROR=1 for the traceback).
+error line and exit with status 2 (set HYDRA_FULL_ERROR=1 for the traceback).  A multirun
+(``-m sampler=a,b gen_length=64,128``) writes one directory per job under the sweep directory,
+named ``<task>/<model>-<sampler>-L<gen_length>-<job>``; ``python -m eval.report DIR`` turns any
+set of run or sweep directories into tables and plots.
 """
 from __future__ import annotations
 

@@ -19,20 +19,25 @@ excluded from timing (``warmup: true`` rows); a resumed run warms up again.
 Resume: rows carry a ``fingerprint`` of everything that decides their content (model, dtype,
 device, sampler options, task and version, seed, batch size).  A rerun in the same directory
 skips the example ids already present with the same fingerprint; rows of other fingerprints are
-kept in the file but ignored.  ``summary.json`` is computed from the rows alone (pandas).
+kept in the file but ignored.  Each batch's rows go out in one write, so a kill leaves whole rows
+and at most one torn last line, which the next run cuts off (that example reruns).  At
+temperature 0 a killed-and-resumed run's rows equal an uninterrupted run's (timing aside).
+``summary.json`` is computed from the rows alone (:func:`eval.rows.summarize`, pandas).
+
+Backbones are cached by (path, dtype, device) for the process: a Hydra multirun loads each
+checkpoint once.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
 import platform
 import random
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -42,11 +47,13 @@ from asynclane import CheckpointNotFound, CountingBackbone, build_sampler, load_
 from asynclane.loading import TINY_DIR, resolve_device, resolve_dtype
 from asynclane.sampler import first_eos_cut
 
+from .rows import SAMPLES, SUMMARY, Appender, read_rows, summarize, write_rows
 from .tasks import build_task
 
 log = logging.getLogger(__name__)
 
-SAMPLES, SUMMARY = "samples.jsonl", "summary.json"
+__all__ = ["run", "UsageError", "read_rows", "summarize", "SAMPLES", "SUMMARY", "environment"]
+_appender = Appender  # the name tests/eval/test_cli.py knows
 # config keys that decide a row's content; the others (limit, warmup, threads, hydra) do not
 FINGERPRINT_KEYS = ("model", "sampler", "task", "seed", "batch_size", "dtype", "device")
 # task keys that only choose which examples run (ids are stable), not what a row holds
@@ -86,19 +93,19 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
              samples, len(todo))
 
     if todo:
-        path = conf["model"].get("path") or TINY_DIR
-        log.info("loading %s from %s (%s, %s)", conf["model"]["name"], path, dtype, device)
-        backbone = load_backbone(path, dtype=dtype, device=device)
-        if backbone.tokenizer is None:
-            raise CheckpointNotFound(f"{path} has no tokenizer files; the runner needs them to build prompts")
+        backbone = cached_backbone(conf["model"]["name"], conf["model"].get("path") or TINY_DIR, dtype, device)
+        options = {k: v for k, v in conf["sampler"].items() if k not in ("name", "gen_length")}
         common = {"task": task.name, "task_version": task.version, "task_variant": getattr(task, "variant", ""),
-                  "sampler": sampler_name,
+                  "sampler": sampler_name, "sampler_options": options,
                   "model": conf["model"]["name"], "gen_length": sampler.cfg.gen_length, "seed": seed,
                   "batch_size": int(conf["batch_size"]), "fingerprint": fingerprint}
         _generate_all(task, sampler, backbone, todo, conf, common, samples)
 
-    ids = {ex.id for ex in examples}
-    rows = [r for r in read_rows(samples) if r.get("fingerprint") == fingerprint and r["example_id"] in ids]
+    ids, rows = {ex.id for ex in examples}, {}
+    for r in read_rows(samples):  # first row per example id (a resumed run never writes a second)
+        if r.get("fingerprint") == fingerprint and r["example_id"] in ids:
+            rows.setdefault(r["example_id"], r)
+    rows = list(rows.values())
     summary = summarize(rows)
     summary.update(environment(device, dtype))
     summary.update(sampler=sampler_name, task=task.name, task_version=task.version,
@@ -111,14 +118,18 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
 
 def _generate_all(task, sampler, backbone, todo, conf, common, samples: Path) -> None:
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     counter = CountingBackbone(backbone)
     tok, eos_ids = backbone.tokenizer, backbone.spec.eos_ids
     bs, warm_left = int(conf["batch_size"]), int(conf["warmup"])
     on_cuda = backbone.device.type == "cuda"
     done, n_correct, every = 0, 0, max(1, len(todo) // 10)  # a log line each ~10% (no tty: no bar)
-    with _appender(samples) as out, tqdm(total=len(todo), desc=f"{common['sampler']}/{task.name}",
-                                         unit="ex", disable=None) as bar:
+    timed_tokens, timed_secs = 0, 0.0  # for the bar's live TPS (the summary recomputes from rows)
+    # on a terminal: a bar with live accuracy and TPS, log lines printed above it (and into eval.log)
+    with Appender(samples) as out, logging_redirect_tqdm(), \
+            tqdm(total=len(todo), desc=f"{common['sampler']}/{task.name}", unit="ex", disable=None,
+                 dynamic_ncols=True) as bar:
         for start in range(0, len(todo), bs):
             batch = todo[start: start + bs]
             prompts = [task.build_prompt(tok, ex) for ex in batch]
@@ -135,95 +146,49 @@ def _generate_all(task, sampler, backbone, todo, conf, common, samples: Path) ->
             warm = warm_left > 0
             warm_left -= len(batch)
             cuts = first_eos_cut(gen.tokens, eos_ids)
+            rows = []
             for ex, prompt, cut, fin in zip(batch, prompts, cuts, gen.finished.tolist()):
                 text_ids = cut[:-1] if cut and cut[-1] in eos_ids else cut
                 completion = tok.decode(text_ids, skip_special_tokens=True)
-                row = {"example_id": ex.id, **common, "completion": completion, "answer": ex.answer,
-                       "prediction": task.extract(completion), **task.score(ex, completion),
-                       "gen_tokens": len(cut), "prompt_tokens": len(prompt), "finished": bool(fin),
-                       "nfe": counter.nfe, "token_forwards": counter.token_forwards, "seconds": seconds,
-                       "warmup": warm, "batch": f"{common['fingerprint']}:{batch[0].id}"}
-                out.write(json.dumps(row) + "\n")
-                out.flush()
-                n_correct += row["correct"]
-            bar.update(len(batch))
+                rows.append({"example_id": ex.id, **common, "completion": completion, "answer": ex.answer,
+                             "prediction": task.extract(completion), **task.score(ex, completion),
+                             "gen_tokens": len(cut), "prompt_tokens": len(prompt), "finished": bool(fin),
+                             "nfe": counter.nfe, "token_forwards": counter.token_forwards, "seconds": seconds,
+                             "warmup": warm, "batch": f"{common['fingerprint']}:{batch[0].id}"})
+            write_rows(out, rows)  # the batch in one write: a kill keeps whole rows (+ a torn tail)
+            n_correct += sum(bool(r["correct"]) for r in rows)
+            if not warm:
+                timed_tokens += sum(r["gen_tokens"] for r in rows)
+                timed_secs += seconds
             done += len(batch)
+            bar.set_postfix(acc=f"{n_correct / done:.3f}",
+                            tps=f"{timed_tokens / timed_secs:.1f}" if timed_secs else "warm-up", refresh=False)
+            bar.update(len(batch))
             if done // every > (done - len(batch)) // every or done == len(todo):
-                log.info("%d/%d done, accuracy so far %.3f", done, len(todo), n_correct / done)
+                log.info("%d/%d done, accuracy so far %.3f, TPS %s", done, len(todo), n_correct / done,
+                         f"{timed_tokens / timed_secs:.1f}" if timed_secs else "n/a (warm-up)")
 
 
-class _appender:
-    """Append mode that first repairs a last line cut short by a killed run."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        if self.path.exists() and self.path.stat().st_size:
-            with open(self.path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                torn = f.read(1) != b"\n"
-            if torn:
-                with open(self.path, "a") as f:
-                    f.write("\n")
-        self.f = open(self.path, "a", encoding="utf-8")
-        return self.f
-
-    def __exit__(self, *exc):
-        self.f.close()
+# Loaded backbones by (path, dtype, device): a multirun (Hydra's basic launcher runs its jobs
+# one after another in this process) loads each checkpoint once.  LOADS counts real loads.
+_BACKBONES: dict = {}
+LOADS = 0
 
 
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a ``samples.jsonl``; a torn line (killed run) is skipped with a warning."""
-    if not Path(path).exists():
-        return []
-    rows = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("%s:%d is not a complete JSON row (killed run?); ignored", path, n)
-    return rows
-
-
-def summarize(rows: list[dict]) -> dict:
-    """Aggregates of result rows (a group-by, nothing measured here).
-
-    tps: generated tokens (to the first EOS, inclusive) / generate seconds, warm-up rows
-    excluded, each batch's seconds counted once.  tps_budget: the all-budget convention some
-    papers use, ``gen_length`` tokens per example over the same seconds; labelled, never mixed.
-    """
-    import pandas as pd
-
-    if not rows:
-        return {"n": 0, "accuracy": None}
-    df = pd.DataFrame(rows)
-    timed = df[~df["warmup"].astype(bool)]
-    secs = timed.drop_duplicates("batch")["seconds"].sum() if len(timed) else 0.0
-    flags = [c for c in df.columns if df[c].dtype == bool and c not in ("warmup", "finished")]
-    out: dict[str, Any] = {
-        "n": int(len(df)), "n_timed": int(len(timed)), "accuracy": float(df["correct"].mean()),
-        **{f"accuracy_{c}": float(df[c].mean()) for c in flags if c != "correct"},
-        "finished_rate": float(df["finished"].mean()),
-        "tps": float(timed["gen_tokens"].sum() / secs) if secs > 0 else None,
-        "tps_budget": float(timed["gen_length"].sum() / secs) if secs > 0 else None,
-        "nfe_mean": float(df["nfe"].mean()),
-        "token_forwards_mean": float(df["token_forwards"].mean()),
-        "tokens_per_nfe": float(df["gen_tokens"].sum() / df["nfe"].sum()) if df["nfe"].sum() else None,
-        "seconds_mean": float(timed["seconds"].mean()) if len(timed) else None,
-        "gen_tokens_mean": float(df["gen_tokens"].mean()),
-        "conventions": {
-            "gen_tokens": "generated tokens up to and including the first EOS-like token, prompt excluded",
-            "tps": "sum gen_tokens / sum generate seconds over non-warm-up rows (each batch once)",
-            "tps_budget": "gen_length tokens per example / the same seconds (all-budget convention)",
-            "nfe": "model forward calls per generate call (batch value on each row)",
-            "tokens_per_nfe": "sum gen_tokens / sum nfe",
-        },
-    }
-    if not len(timed):
-        log.warning("every row is a warm-up row: no timing aggregates (raise limit or set warmup=0)")
-    return out
+def cached_backbone(name: str, path, dtype: torch.dtype, device: torch.device):
+    global LOADS
+    key = (str(Path(path).resolve()) if Path(path).exists() else str(path), str(dtype), str(device))
+    if key in _BACKBONES:
+        log.info("reusing the loaded %s from %s (%s, %s)", name, path, dtype, device)
+        return _BACKBONES[key]
+    _BACKBONES.clear()  # hold one: a sweep over two 8B models must not keep both on the device
+    log.info("loading %s from %s (%s, %s)", name, path, dtype, device)
+    backbone = load_backbone(path, dtype=dtype, device=device)
+    if backbone.tokenizer is None:
+        raise CheckpointNotFound(f"{path} has no tokenizer files; the runner needs them to build prompts")
+    LOADS += 1
+    _BACKBONES[key] = backbone
+    return backbone
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict:

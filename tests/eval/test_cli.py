@@ -15,8 +15,8 @@ import pytest
 
 from eval.runner import SAMPLES, SUMMARY, _appender, read_rows, summarize
 
-ROW_FIELDS = {"example_id", "task", "task_version", "sampler", "model", "gen_length", "seed", "completion",
-              "answer", "correct", "gen_tokens", "nfe", "token_forwards", "seconds", "warmup"}
+ROW_FIELDS = {"example_id", "task", "task_version", "sampler", "sampler_options", "model", "gen_length", "seed",
+              "completion", "answer", "correct", "gen_tokens", "nfe", "token_forwards", "seconds", "warmup"}
 SUMMARY_FIELDS = {"n", "accuracy", "tps", "tps_budget", "nfe_mean", "tokens_per_nfe", "seconds_mean",
                   "gen_tokens_mean", "device", "device_name", "dtype", "torch_version", "transformers_version",
                   "git_commit", "config"}
@@ -132,3 +132,10 @@ def test_torn_last_line_is_skipped_and_repaired(tmp_path):
     with _appender(path) as f:
         f.write(json.dumps({"example_id": "c"}) + "\n")
     assert [r["example_id"] for r in read_rows(path)] == ["a", "c"]
+    assert path.read_text() == '{"example_id": "a"}\n{"example_id": "c"}\n'  # the torn tail is cut off
+
+
+def test_progress_reports_accuracy_and_tps(first_run):
+    out, _, _ = first_run
+    log = (out / "eval.log").read_text()
+    assert "3/3 done, accuracy so far" in log and "TPS" in log

@@ -1,0 +1,374 @@
+"""AsyncLane: decoupling refinement from advancement with a tree of generate and refine lanes.
+
+Paper: Ren, Lou, Liu et al., "AsyncLane: Decoupling Refinement from Advancement in Diffusion
+Language Model Decoding", arXiv 2606.08411v1 (only title, authors and abstract were readable
+[P]; research/asynclane.md).  No official code was found [U].  **Known from the paper [P]:**
+generate and refine lanes; a fork when a block shows a delimiter boundary / stable prefix, after
+which the prefix stays editable while a continuation lane advances; a lane tree giving
+dependencies and stitching order; every step runs the active lanes; four cost mechanisms by name
+(shared-prefix lane batching, lookahead draft reuse, cascading termination, compact cache
+refresh with refresh-logit reuse); training-free drop-in for block samplers.  **Everything
+else below is our reconstruction (ours)**, following research/asynclane.md §3 and §7.
+
+Algorithm (batch 1; one sequence, one lane tree, :mod:`asynclane.lanes`):
+
+1. Buffer = prompt + ``gen_length`` masks.  The root GEN lane owns the first block
+   ``[P, P + block_length)``.
+2. Each iteration assembles ONE model call for all ACTIVE lanes (``lane_batching``): the lanes
+   of a sequence own disjoint spans of the same buffer, so their query positions go into one
+   row with explicit positions (no per-lane rows, no copies of the prompt/settled-prefix cache:
+   every lane reads the same cache slots).  Which positions, by ``cache``:
+   ``none``: the whole buffer; ``prefix``: from the leftmost working block's start to the end
+   of the buffer, settled prefix read from the cache; ``dual``: the lanes' working positions only
+   (+ lookahead), everything else read from the cache and the call's K/V written in place.
+   Dream family: a lane whose working block ``[lo, e)`` starts with a mask also carries
+   ``lo - 1`` (that row comes from ``lo - 1``, backbone.py).
+3. Refresh.  ``compact_refresh`` off (Fast-dLLM's rule): a full-buffer forward that rewrites
+   every slot, at the first step of each GEN block, every ``refresh_every`` GEN steps, and
+   whenever the cheap call would read a stale slot; its logits are the step's logits.
+   ``compact_refresh`` on: stale slots (token changed since written: a finished REF span, the
+   EOS fill) are recomputed inside the same call, ``write=True``, and nothing else is
+   (``refresh_every`` still forces a full refresh).  Either way a refresh costs no extra call.
+4. GEN lane step (Fast-dLLM rule): in its working block commit every masked position whose
+   proposal confidence >= ``threshold``, at least the best.  Dream + cache + compact off: the
+   block's first step commits only its first token (fast_dllm step 6).
+   REF lane step: the same with ``refine_threshold`` over its span; after ``refine_budget``
+   steps it fills every remaining mask with its argmax.  A REF lane is DONE when it has no mask.
+5. Cascade (``cascade``): the leftmost committed EOS-like id ``q`` (any of ``spec.eos_ids``,
+   confidence >= ``eos_threshold``) kills every lane right of ``q``, truncates the lane holding
+   it, fills ``(q, end)`` with EOS and ends the answer there.
+6. Fork (:func:`asynclane.rules.fork_point`): an ACTIVE GEN lane whose working block holds a
+   committed delimiter ``p`` (decoded text contains a newline; committed with confidence >=
+   ``delimiter_threshold``), with
+   ``1 <= masks in [lo, p] <= max_residual_fraction * (p + 1 - lo)``, ``p + 1 - lo >=
+   min_prefix``, room for one more lane (``max_lanes``) and budget left after ``p``, becomes
+   FORKED: REF ``[s, p + 1)`` keeps refining, GEN ``[p + 1, p + 1 + block_length)`` decodes from
+   the next call.  Rightmost qualifying ``p`` wins; at most one fork per iteration.
+7. Advance: a GEN lane with a complete block (and no fork) moves to the next block; DONE at the
+   end of the answer.
+8. Draft reuse (``draft_reuse``): a GEN lane's call also predicts ``lookahead`` positions past
+   its block (free in ``none``/``prefix``; added to a ``dual`` call).  When a GEN block opens
+   (advance or fork) at the end of an iteration, its masked positions whose lookahead
+   prediction from that same call has confidence >= ``draft_threshold`` are committed without a
+   model call.  Guard: at the lane's next forward, a seeded token whose probability falls
+   below ``threshold / 2`` is re-masked.
+9. Stop when no lane is ACTIVE.  Output = the buffer; ``lanes.stitch`` reads the same answer
+   from the tree (leaf spans in order, cut at the first EOS).  ``Generation.trace``: one dict
+   per iteration; ``Generation.info["lanes"]``: the final tree.
+
+NFE: one call per iteration with ``lane_batching``; one per active lane without it.
+
+Hyperparameters (all [U] for the paper; defaults ours, asynclane.md §4):
+
+=========================  =======  ===============================================================
+key                        default  meaning; justification
+=========================  =======  ===============================================================
+gen_length                 128      answer budget (top-level override)
+block_length               32       GEN block; Fast-dLLM / AdaBlock convention [C]
+threshold                  0.9      GEN commit confidence (fast_dllm's); Fast-dLLM default [P, C]
+refine_threshold           0.9      REF commit confidence; same rule as GEN until evidence differs
+delimiter_threshold        0.3      commit confidence a delimiter needs; AdaBlock's LLaDA value [C]
+draft_threshold            0.9      lookahead confidence to seed a token; = threshold, so a seed is
+                                    as sure as a normal commit
+max_residual_fraction      0.25     "mostly settled": at most 1/4 of the prefix still masked
+min_prefix                 4        no fork for tiny prefixes (limits lane explosion)
+max_lanes                  4        active-lane cap; 1 disables forking (= fast_dllm)
+refine_budget              8        REF steps before argmax-fill: bounds a stalled prefix
+lookahead                  32       predicted positions past a GEN block (one block of drafts)
+refresh_every              null     null: refresh at GEN block starts (fast_dllm); k: every k steps
+eos_threshold              0.0      any committed EOS cascades (d3LLM's early stop [C])
+cache                      prefix   none | prefix | dual, as fast_dllm (paper default prefix)
+lane_batching              true     mechanism 1 (off: one call per lane, same inputs)
+draft_reuse                true     mechanism 2
+cascade                    true     mechanism 3 (off: decode the whole budget, as fast_dllm)
+compact_refresh            true     mechanism 4 (off: fast_dllm's full refreshes)
+commit_first_after_refresh null     null = auto: Dream + cache + compact off (fast_dllm step 6)
+delimiter_ids              null     explicit delimiter ids; null: derived from backbone.tokenizer
+                                    (no tokenizer, no ids: forks never happen)
+temperature                0.0      Gumbel-max temperature
+=========================  =======  ===============================================================
+
+Deviations / reconstruction choices (tags as research/asynclane.md):
+
+* Lane batching packs all lanes of the sequence into one query row (asynclane.md §3.5
+  "packed" layout, without a block-sparse mask): lanes attend to each other's current tokens
+  (a REF lane sees the continuation's committed tokens and masks: ``ref_sees_right=draft``).
+  Per-lane rows would need a per-row attention mask the backbone does not take (ours).
+* ``lane_batching=False`` is the ablation's cost model: each lane gets its own call with the
+  same inputs, so outputs are identical and only calls / token-forwards grow (ours).
+* Drafts live for one iteration (``draft_max_age = 1``); no stable-prefix fallback fork; no
+  re-masking of committed prefix tokens (``ref_remask`` off) (ours, §3.4, §3.7, §3.8).
+* The EOS-filled tail stays in the model's context (LLaDA/Dream pad answers with EOS) (ours).
+* Batch 1 only (``can_batch = False``): forks are per sequence.  Batch > 1 needs one tree per
+  row and ragged per-row query sets (padding + key masks, per-row cache boundaries).
+* The mask id is never proposed; ties break toward the lower position (as fast_dllm).
+* Degenerate case (tests/asynclane/test_asynclane.py): ``max_lanes=1`` with ``draft_reuse``,
+  ``cascade`` and ``compact_refresh`` off reproduces fast_dllm (same threshold, block length,
+  cache mode, ``refresh_every``) token for token, with the same NFE and token-forwards, on both
+  families.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from asynclane import rules
+from asynclane.lanes import DONE, GEN, REF, LaneTree, stitch
+from asynclane.sampler import Generation, SamplerConfig, left_pad, register
+
+CACHES = ("none", "prefix", "dual")
+
+
+@dataclass
+class AsyncLaneConfig(SamplerConfig):
+    """AsyncLane settings; see the module docstring for meanings and sources."""
+
+    block_length: int = 32
+    threshold: float = 0.9
+    refine_threshold: float = 0.9
+    delimiter_threshold: float = 0.3
+    draft_threshold: float = 0.9
+    max_residual_fraction: float = 0.25
+    min_prefix: int = 4
+    max_lanes: int = 4
+    refine_budget: int = 8
+    lookahead: int = 32
+    refresh_every: Optional[int] = None
+    eos_threshold: float = 0.0
+    cache: str = "prefix"
+    lane_batching: bool = True
+    draft_reuse: bool = True
+    cascade: bool = True
+    compact_refresh: bool = True
+    commit_first_after_refresh: Optional[bool] = None
+    delimiter_ids: Optional[Sequence[int]] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.cache not in CACHES:
+            raise ValueError(f"cache={self.cache!r} is not one of {', '.join(CACHES)}")
+        if self.block_length <= 0 or self.gen_length % self.block_length:
+            valid = [d for d in range(1, self.gen_length + 1) if self.gen_length % d == 0]
+            raise ValueError(f"block_length={self.block_length} must divide gen_length={self.gen_length}; "
+                             f"valid block lengths: {valid}")
+        for key in ("threshold", "refine_threshold", "delimiter_threshold", "draft_threshold", "eos_threshold"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 0")
+        if not 0 <= self.max_residual_fraction <= 1:
+            raise ValueError(f"max_residual_fraction={self.max_residual_fraction} must lie in [0, 1]")
+        for key in ("max_lanes", "refine_budget", "min_prefix"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
+        if self.lookahead < 0:
+            raise ValueError(f"lookahead={self.lookahead} must be >= 0")
+        if self.refresh_every is not None and (isinstance(self.refresh_every, bool) or self.refresh_every < 1):
+            raise ValueError(f"refresh_every={self.refresh_every} must be a positive integer or null")
+
+    def first_after_refresh(self, family: str) -> bool:
+        if self.commit_first_after_refresh is None:
+            return family == "dream" and self.cache != "none" and not self.compact_refresh
+        return bool(self.commit_first_after_refresh)
+
+
+def delimiter_set(backbone, explicit: Optional[Sequence[int]]) -> frozenset:
+    """Delimiter ids: ``explicit`` when given, else every id whose decoded text has a newline."""
+    if explicit is not None:
+        return frozenset(int(t) for t in explicit)
+    tok = getattr(backbone, "tokenizer", None)
+    if tok is None:
+        return frozenset()
+    special = set(backbone.spec.eos_ids) | {backbone.spec.mask_id, backbone.spec.pad_id}
+    return frozenset(i for i in range(backbone.spec.vocab_size)
+                     if i not in special and "\n" in tok.decode([i]))
+
+
+@register("asynclane")
+class AsyncLaneSampler:
+    """Lane-tree decoding (batch 1); ``max_lanes=1`` and mechanisms 2-4 off is fast_dllm."""
+
+    Config = AsyncLaneConfig
+    can_batch = False
+
+    def __init__(self, cfg: AsyncLaneConfig):
+        self.cfg = cfg
+        self._delims = {}
+
+    @torch.no_grad()
+    def generate(self, backbone, prompts: Sequence[Sequence[int]], rng: torch.Generator) -> Generation:
+        cfg, spec = self.cfg, backbone.spec
+        if len(prompts) != 1:
+            raise ValueError(f"asynclane decodes one prompt per call (can_batch = False), got {len(prompts)}")
+        key = id(getattr(backbone, "tokenizer", None))
+        if key not in self._delims:
+            self._delims[key] = delimiter_set(backbone, cfg.delimiter_ids)
+        delims = self._delims[key]
+        dream = spec.family == "dream"
+        first_only = cfg.first_after_refresh(spec.family)
+        x, key_mask, P = left_pad(prompts, cfg.gen_length, spec.pad_id, spec.mask_id, device=backbone.device)
+        T = x.shape[1]
+        cache = None if cfg.cache == "none" else backbone.new_cache(1, T)
+        written = torch.full((T,), -1, dtype=torch.long, device=x.device)  # token whose K/V is in the slot
+        conf_at = torch.zeros(T, dtype=torch.float64, device=x.device)  # confidence each token was committed with
+        mask_col = torch.tensor([spec.mask_id], device=x.device)
+        eos_t = torch.tensor(spec.eos_ids, device=x.device)
+        tree, end, it = LaneTree(P, T, cfg.block_length), T, 0
+        seeded: set = set()  # positions committed from drafts, not yet re-verified
+        trace = []
+
+        while active := tree.active():
+            row = x[0]
+            gen = [l for l in active if l.kind == GEN]
+            every = cfg.refresh_every
+            want_full = cache is not None and any(
+                (l.steps == 0 and not cfg.compact_refresh) if every is None else l.steps % every == 0 for l in gen)
+            pred = {p for l in active for p in l.working}  # rows whose logits the step reads
+            if cfg.draft_reuse:
+                pred |= {p for g in gen for p in range(g.e, min(g.e + cfg.lookahead, end))}
+            pred = sorted(pred)
+            need = set(pred)
+            if dream:  # a masked first position needs its left neighbour in the call (backbone.py)
+                need |= {l.lo - 1 for l in active if row[l.lo] == spec.mask_id}
+            need = sorted(need)
+            stale = (written != row).nonzero().flatten().tolist() if cache is not None else []
+            cols, write, kind = self._plan(cache, want_full, need, stale, T)
+            n_calls = 1 if cfg.lane_batching else len(active)
+            logits = self._call(backbone, x, cols, pred, cache, write, key_mask if len(cols) == T else None, n_calls)
+            if write:
+                w = torch.tensor(cols, device=x.device)
+                written[w] = row[w]
+            at = {p: i for i, p in enumerate(pred)}
+            proposal = rules.gumbel_argmax(logits.index_fill(-1, mask_col, float("-inf")), cfg.temperature, rng)[0]
+            conf = rules.confidence_prob(logits, proposal[None], torch.float64)[0]
+
+            rec = {"iteration": it, "calls": n_calls, "positions": len(cols),
+                   "refresh": kind, "lanes": [], "forks": [], "kills": [], "seeded": [], "remasked": []}
+            # ----- lane steps
+            for l in active:
+                region = list(l.working)
+                if seeded:  # guard: re-verify drafts at the lane's first forward
+                    for p in [p for p in region if p in seeded]:
+                        seeded.discard(p)
+                        prob = float(rules.confidence_prob(logits[:, at[p]:at[p] + 1], row[p].view(1, 1),
+                                                           torch.float64))
+                        if prob < cfg.threshold / 2:
+                            row[p] = spec.mask_id
+                            rec["remasked"].append(p)
+                idx = torch.tensor([at[p] for p in region], device=x.device)
+                masked = (row[region[0]:region[-1] + 1] == spec.mask_id)[None]
+                if bool(torch.isnan(conf[idx][masked[0]]).any()):  # a Dream row without its p - 1
+                    raise RuntimeError(f"lane {l.id}: NaN logits for masked positions of {region[0]}..{region[-1]} "
+                                       f"(call positions {cols[0]}..{cols[-1]}, cache={cfg.cache})")
+                if l.kind == GEN and l.steps == 0 and first_only and kind == "full":
+                    commit = torch.zeros_like(masked)
+                    commit[:, 0] = masked[:, 0]
+                else:
+                    score = rules.restrict_confidence(conf[idx][None], masked)
+                    tau = cfg.threshold if l.kind == GEN else cfg.refine_threshold
+                    if l.kind == REF and l.steps + 1 >= cfg.refine_budget:
+                        tau = float("-inf")
+                    commit = rules.commit_threshold(score, tau)
+                done = [region[j] for j in commit[0].nonzero().flatten().tolist()]
+                for p in done:
+                    row[p] = proposal[at[p]]
+                    conf_at[p] = conf[at[p]]
+                l.steps += 1
+                rec["lanes"].append({"id": l.id, "kind": l.kind, "span": [l.s, l.e], "block": [l.lo, l.e],
+                                     "committed": done})
+            # ----- cascading termination
+            if cfg.cascade:
+                gen_part = row[P:end]
+                hits = (torch.isin(gen_part, eos_t) & (conf_at[P:end] >= cfg.eos_threshold)).nonzero()
+                if len(hits) and P + int(hits[0]) + 1 < end:
+                    q = P + int(hits[0])
+                    rec["kills"] = tree.cascade(q)
+                    row[q + 1:] = spec.eos_id
+                    end = q + 1
+                    seeded = {p for p in seeded if p <= q}
+            # ----- retire, fork, advance
+            forked = False
+            for l in tree.active():
+                settled = bool(row[l.lo:l.e].ne(spec.mask_id).all())
+                if l.kind == REF:
+                    if settled:
+                        l.state = DONE
+                    continue
+                p = None if forked else self._fork_point(l, row, conf_at, delims, end, len(tree.active()), spec)
+                if p is not None:
+                    r, c = tree.fork(l, p, end, it + 1)
+                    forked = True
+                    rec["forks"].append({"parent": l.id, "at": p, "ref": r.id, "gen": c.id})
+                    rec["seeded"] += self._seed(c, row, proposal, conf, at, seeded, conf_at, spec)
+                elif settled and tree.advance(l, end):
+                    rec["seeded"] += self._seed(l, row, proposal, conf, at, seeded, conf_at, spec)
+            tree.check()
+            trace.append(rec)
+            it += 1
+
+        finished = torch.isin(x[:, P:], eos_t).any(-1)
+        answer = stitch(x[0].tolist(), tree, spec.eos_ids)
+        return Generation(sequences=x, prompt_length=P, finished=finished, trace=trace,
+                          info={"lanes": tree.to_dicts(), "stitched": answer, "iterations": it})
+
+    def _plan(self, cache, want_full, need, stale, T):
+        """The call's positions, whether it writes K/V, and its refresh kind (None / compact / full).
+
+        ``need``: positions the lanes read logits from (plus Dream left neighbours); ``stale``:
+        slots whose cached K/V no longer match the buffer.  Without a cache every call is full.
+        """
+        cfg = self.cfg
+        if cache is None:
+            return list(range(T)), False, None
+        if want_full:
+            return list(range(T)), True, "full"
+        if cfg.cache == "prefix":  # the call runs from `start` to the end of the buffer
+            start, kind = need[0], None
+            if stale and stale[0] < start:  # the cache would be read stale below `start`
+                start, kind = (stale[0], "compact") if cfg.compact_refresh else (0, "full")
+            return list(range(start, T)), cfg.compact_refresh or kind == "full", kind
+        # dual: only the needed positions, written in place; everything else read from the cache
+        outside = sorted(set(stale) - set(need))
+        if not outside:
+            return need, True, None
+        if cfg.compact_refresh:
+            return sorted(set(need) | set(outside)), True, "compact"
+        return list(range(T)), True, "full"
+
+    def _fork_point(self, g, row, conf_at, delims, end, n_active, spec):
+        """Boundary for GEN lane ``g`` (rules.fork_point), if a lane is free and budget is left after it."""
+        cfg = self.cfg
+        if n_active + 1 > cfg.max_lanes:
+            return None
+        p = rules.fork_point(row, conf_at, g.lo, min(g.e, end - 1), spec.mask_id, delims, cfg.delimiter_threshold,
+                             cfg.max_residual_fraction, cfg.min_prefix)
+        return p
+
+    def _seed(self, g, row, proposal, conf, at, seeded, conf_at, spec) -> list:
+        """Draft reuse: commit a new block's masked positions predicted confidently in this call."""
+        if not self.cfg.draft_reuse:
+            return []
+        out = []
+        for p in g.working:
+            if p in at and row[p] == spec.mask_id and conf[at[p]] >= self.cfg.draft_threshold:
+                row[p] = proposal[at[p]]
+                conf_at[p] = conf[at[p]]
+                seeded.add(p)
+                out.append(p)
+        return out
+
+    @staticmethod
+    def _call(backbone, x, cols, pred_pos, cache, write, key_mask, n_calls):
+        """One model call (repeated ``n_calls`` times without lane batching: same inputs, same logits)."""
+        T = x.shape[1]
+        lo, hi = cols[0], cols[-1] + 1
+        contiguous = hi - lo == len(cols)
+        pos = torch.arange(lo, hi, device=x.device)[None] if contiguous else torch.tensor([cols], device=x.device)
+        ids = x[:, lo:hi] if contiguous else x[:, pos[0]]
+        at = {p: i for i, p in enumerate(cols)}
+        rows = [at[p] for p in pred_pos]
+        predict = None if rows == list(range(len(cols))) else torch.tensor([rows], device=x.device)
+        for _ in range(n_calls):
+            logits = backbone.forward(ids, positions=pos, key_mask=key_mask, cache=cache, write=write,
+                                      predict=predict)
+        return logits

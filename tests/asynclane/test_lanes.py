@@ -1,0 +1,88 @@
+"""The lane tree (asynclane.lanes): spans, forks, cascade, invariants and stitching."""
+import json
+
+import pytest
+
+from asynclane.lanes import ACTIVE, DONE, FORKED, GEN, KILLED, REF, LaneTree, stitch
+
+EOS = 99
+
+
+def test_root_lane_owns_the_first_block():
+    tree = LaneTree(10, 42, 8)
+    assert tree.active() == [tree.root]
+    assert (tree.root.kind, tree.root.s, tree.root.e, tree.root.lo, tree.root.state) == (GEN, 10, 18, 10, ACTIVE)
+
+
+def test_advance_moves_the_block_and_finishes_at_the_end():
+    tree = LaneTree(0, 20, 8)
+    g = tree.root
+    assert tree.advance(g, 20) and (g.s, g.lo, g.e, g.steps) == (0, 8, 16, 0)
+    assert tree.advance(g, 20) and (g.lo, g.e) == (16, 20)  # the last block is cut at the end
+    assert not tree.advance(g, 20) and g.state == DONE
+
+
+def test_fork_splits_the_span_ref_then_gen():
+    tree = LaneTree(0, 64, 8)
+    g = tree.root
+    tree.advance(g, 64)  # span [0, 16), working block [8, 16)
+    r, c = tree.fork(g, 11, 64, iteration=3)
+    assert g.state == FORKED and g.children == [r.id, c.id]
+    assert (r.kind, r.s, r.lo, r.e) == (REF, 0, 8, 12)  # the REF lane edits only its working block
+    assert (c.kind, c.s, c.lo, c.e) == (GEN, 12, 12, 20)  # a full block from the boundary on
+    assert r.parent == c.parent == g.id and r.born == c.born == 3
+    assert [l.id for l in tree.active()] == [r.id, c.id]
+    assert [l.id for l in tree.leaves()] == [r.id, c.id]
+    tree.check()
+
+
+def test_nested_forks_keep_leaves_in_output_order():
+    tree = LaneTree(0, 64, 8)
+    r1, c1 = tree.fork(tree.root, 3, 64, 0)
+    r2, c2 = tree.fork(c1, 6, 64, 1)
+    assert [l.id for l in tree.leaves()] == [r1.id, r2.id, c2.id]
+    assert [(l.s, l.e) for l in tree.leaves()] == [(0, 4), (4, 7), (7, 15)]
+    tree.check()
+
+
+@pytest.mark.parametrize("p", [-1, 8, 7])
+def test_fork_rejects_a_boundary_outside_the_block_or_at_the_end(p):
+    tree = LaneTree(0, 64, 8)
+    with pytest.raises(ValueError, match="cannot fork"):
+        tree.fork(tree.root, p, 8 if p == 7 else 64, 0)  # 7: no budget after it
+
+
+def test_cascade_kills_lanes_right_of_the_eos_and_truncates_its_lane():
+    tree = LaneTree(0, 64, 8)
+    r1, c1 = tree.fork(tree.root, 3, 64, 0)  # REF [0, 4), GEN [4, 12)
+    r2, c2 = tree.fork(c1, 6, 64, 1)  # REF [4, 7), GEN [7, 15)
+    killed = tree.cascade(5)
+    assert killed == [c2.id] and c2.state == KILLED
+    assert (r2.s, r2.e) == (4, 6) and r2.state == ACTIVE and (r1.s, r1.e) == (0, 4)
+    tree.check()  # killed leaves may leave a gap past the answer's end
+    assert [l.id for l in tree.active()] == [r1.id, r2.id]
+
+
+def test_check_catches_overlapping_live_lanes():
+    tree = LaneTree(0, 64, 8)
+    r, c = tree.fork(tree.root, 3, 64, 0)
+    c.s = 2
+    with pytest.raises(AssertionError, match="overlap"):
+        tree.check()
+
+
+def test_stitch_reads_leaf_spans_in_order_and_cuts_at_the_first_eos():
+    tree = LaneTree(2, 14, 4)
+    r, c = tree.fork(tree.root, 3, 14, 0)  # REF [2, 4), GEN [4, 8)
+    tree.advance(c, 14)  # GEN [4, 12)
+    tokens = [7, 7, 1, 2, 3, 4, 5, 6, 7, EOS, 8, EOS, 0, 0]
+    assert stitch(tokens, tree, [EOS]) == [1, 2, 3, 4, 5, 6, 7, EOS]
+    assert stitch(tokens, tree, [42]) == [1, 2, 3, 4, 5, 6, 7, EOS, 8, EOS]  # leaves end at 12
+
+
+def test_tree_is_inspectable_json():
+    tree = LaneTree(0, 32, 8)
+    tree.fork(tree.root, 5, 32, 0)
+    d = json.loads(json.dumps(tree.to_dicts()))
+    assert [x["kind"] for x in d] == [GEN, REF, GEN] and d[0]["children"] == [1, 2]
+    assert d[1]["span"] == [0, 6] and d[2]["span"] == [6, 14] and d[0]["state"] == FORKED

@@ -1,0 +1,132 @@
+"""Resume and determinism of ``python -m eval`` on the tiny model (CPU, temperature 0).
+
+A run killed at any moment (SIGKILL, possibly mid-write) and restarted into the same directory
+loses no finished example, duplicates none, and ends with the rows and summary of an
+uninterrupted run, timing aside.  The same config run twice gives the same completions.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from eval.rows import SAMPLES, SUMMARY, read_rows
+
+LIMIT = 6
+# what decides a row's content; timing (seconds, warmup, batch) may differ between processes
+ROW_KEYS = ("example_id", "completion", "prediction", "correct", "exact", "gen_tokens", "prompt_tokens", "finished",
+            "nfe", "token_forwards", "fingerprint", "sampler_options")
+SUMMARY_KEYS = ("n", "accuracy", "accuracy_exact", "finished_rate", "nfe_mean", "token_forwards_mean",
+                "tokens_per_nfe", "gen_tokens_mean", "fingerprint")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from asynclane.loading import TINY_DIR
+
+    d = tmp_path_factory.mktemp("tiny")  # a copy: the training job may re-export the tiny model meanwhile
+    for f in os.listdir(TINY_DIR):
+        shutil.copy(os.path.join(TINY_DIR, f), d)
+    return d
+
+
+def overrides(model_dir):
+    return [f"limit={LIMIT}", "gen_length=32", "threads=1", "seed=0", f"model.path={model_dir}"]
+
+
+def command(model_dir, out):
+    return [sys.executable, "-m", "eval", *overrides(model_dir), f"hydra.run.dir={out}"]
+
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, tmp_path_factory):
+    """An uninterrupted run."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    res = subprocess.run(command(model_dir, out), env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def content(rows):
+    return sorted(({k: r.get(k) for k in ROW_KEYS} for r in rows), key=lambda r: r["example_id"])
+
+
+def same_summary(a_dir, b_dir):
+    a, b = (json.loads((d / SUMMARY).read_text()) for d in (a_dir, b_dir))
+    return {k: a.get(k) for k in SUMMARY_KEYS} == {k: b.get(k) for k in SUMMARY_KEYS}
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(model_dir, reference, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(command(model_dir, out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    samples = out / SAMPLES
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if samples.exists() and samples.read_bytes().count(b"\n") >= 1:
+                break
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    before = read_rows(samples)
+    assert 1 <= len(before) < LIMIT, f"the kill came too late or too early ({len(before)} rows)"
+
+    res = subprocess.run(command(model_dir, out), env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    after = read_rows(samples)
+    ids = [r["example_id"] for r in after]
+    assert len(ids) == len(set(ids)) == LIMIT  # nothing lost, nothing twice
+    assert content(after[:len(before)]) == content(before)  # finished rows kept as they were
+    assert content(after) == content(read_rows(reference / SAMPLES))
+    assert same_summary(out, reference)
+
+
+def test_torn_last_line_reruns_that_example(model_dir, reference, tmp_path, caplog):
+    """A kill mid-write leaves half a row: it is cut off with a warning and its example regenerated."""
+    from hydra import compose, initialize_config_module
+
+    from eval.runner import run
+
+    lines = (reference / SAMPLES).read_text().splitlines(keepends=True)
+    out = tmp_path / "torn"
+    out.mkdir()
+    (out / SAMPLES).write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2])
+    with initialize_config_module(config_module="eval.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides(model_dir))
+    with caplog.at_level(logging.WARNING):
+        run(cfg, out)
+    assert any("torn" in m or "not a complete JSON row" in m for m in caplog.messages)
+    text = (out / SAMPLES).read_text()
+    assert text.startswith("".join(lines[:3])) and text.endswith("\n")
+    after = read_rows(out / SAMPLES)
+    assert len(after) == LIMIT and content(after) == content(read_rows(reference / SAMPLES))
+    assert same_summary(out, reference)
+
+
+def test_same_config_twice_gives_identical_completions(model_dir, reference, tmp_path):
+    """In process, twice (the backbone is loaded once for both), and across processes."""
+    from hydra import compose, initialize_config_module
+
+    from eval import runner
+
+    with initialize_config_module(config_module="eval.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides(model_dir))
+    runner.run(cfg, tmp_path / "a")
+    loads = runner.LOADS
+    runner.run(cfg, tmp_path / "b")
+    assert runner.LOADS == loads  # the second run reused the cached backbone
+    a, b = (read_rows(tmp_path / d / SAMPLES) for d in ("a", "b"))
+    assert [r["completion"] for r in a] == [r["completion"] for r in b]
+    assert content(a) == content(b) == content(read_rows(reference / SAMPLES))
+    assert same_summary(tmp_path / "a", tmp_path / "b") and same_summary(tmp_path / "a", reference)
