@@ -13,7 +13,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-SAMPLES, SUMMARY = "samples.jsonl", "summary.json"
+SAMPLES, SUMMARY, TRACES = "samples.jsonl", "summary.json", "traces.jsonl"
 
 CONVENTIONS = {
     "gen_tokens": "generated tokens up to and including the first EOS-like token, prompt excluded",

@@ -47,7 +47,7 @@ from asynclane import CheckpointNotFound, CountingBackbone, build_sampler, load_
 from asynclane.loading import TINY_DIR, resolve_device, resolve_dtype
 from asynclane.sampler import first_eos_cut
 
-from .rows import SAMPLES, SUMMARY, Appender, read_rows, summarize, write_rows
+from .rows import SAMPLES, SUMMARY, TRACES, Appender, read_rows, summarize, write_rows
 from .tasks import build_task
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     _check_top_level(conf)
     task = _build_task(conf["task"])
     sampler_name, sampler = _build_sampler(conf["sampler"])
+    if int(conf["batch_size"]) > 1 and not getattr(sampler, "can_batch", True):
+        raise UsageError(f"sampler {sampler_name!r} decodes one prompt per call (can_batch = False); "
+                         f"use batch_size=1, got batch_size={conf['batch_size']}")
     device = resolve_device(conf["device"])
     conf["device"] = str(device)
     try:
@@ -156,6 +159,8 @@ def _generate_all(task, sampler, backbone, todo, conf, common, samples: Path) ->
                              "nfe": counter.nfe, "token_forwards": counter.token_forwards, "seconds": seconds,
                              "warmup": warm, "batch": f"{common['fingerprint']}:{batch[0].id}"})
             write_rows(out, rows)  # the batch in one write: a kill keeps whole rows (+ a torn tail)
+            if conf.get("save_traces") and gen.trace is not None:
+                _save_trace(samples.parent / TRACES, batch, gen)
             n_correct += sum(bool(r["correct"]) for r in rows)
             if not warm:
                 timed_tokens += sum(r["gen_tokens"] for r in rows)
@@ -167,6 +172,13 @@ def _generate_all(task, sampler, backbone, todo, conf, common, samples: Path) ->
             if done // every > (done - len(batch)) // every or done == len(todo):
                 log.info("%d/%d done, accuracy so far %.3f, TPS %s", done, len(todo), n_correct / done,
                          f"{timed_tokens / timed_secs:.1f}" if timed_secs else "n/a (warm-up)")
+
+
+def _save_trace(path: Path, batch, gen) -> None:
+    """Append the sampler's per-step trace (and info, e.g. AsyncLane's lane tree) for a batch."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps({"example_ids": [ex.id for ex in batch], "trace": gen.trace,
+                             "info": gen.info}, default=str) + "\n")
 
 
 # Loaded backbones by (path, dtype, device): a multirun (Hydra's basic launcher runs its jobs

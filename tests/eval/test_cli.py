@@ -139,3 +139,21 @@ def test_progress_reports_accuracy_and_tps(first_run):
     out, _, _ = first_run
     log = (out / "eval.log").read_text()
     assert "3/3 done, accuracy so far" in log and "TPS" in log
+
+
+def test_unbatchable_sampler_with_batch_size_fails_up_front(tmp_path):
+    res = run_eval("sampler=asynclane", "batch_size=2", "limit=2", *FAST, f"hydra.run.dir={tmp_path}")
+    assert res.returncode != 0
+    assert "can_batch = False" in res.stderr and "batch_size=1" in res.stderr
+    assert not (tmp_path / SAMPLES).exists()  # refused before any work
+
+
+def test_save_traces_writes_one_record_per_generate_call(tmp_path):
+    res = run_eval("sampler=asynclane", "limit=2", "save_traces=true", *FAST, f"hydra.run.dir={tmp_path}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    recs = [json.loads(line) for line in (tmp_path / "traces.jsonl").read_text().splitlines()]
+    assert [r["example_ids"] for r in recs] == [["arith-0000"], ["arith-0001"]]
+    rows = read_rows(tmp_path / SAMPLES)
+    for rec, row in zip(recs, rows):
+        assert isinstance(rec["trace"], list) and rec["trace"]
+        assert len(rec["trace"]) == row["nfe"]  # AsyncLane: one batched model call per iteration
