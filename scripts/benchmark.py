@@ -1,0 +1,471 @@
+"""One invocation, every sampler side by side through the real harness, printed as tables.
+
+    python scripts/benchmark.py                                   # every sampler, arith+listops, L 64/128/256
+    python scripts/benchmark.py --samplers blockwise,fast_dllm,asynclane --lengths 64 --limit 20 --threads 2
+    python scripts/benchmark.py --dry-run                         # the planned runs, as `python -m eval` lines
+    python scripts/benchmark.py --threshold-sweep none --no-ablations   # the main table only
+
+Runs in this process: each run's config is composed by Hydra from the package ``eval.conf``
+(exactly what ``python -m eval KEY=VALUE ...`` composes) and handed to :func:`eval.runner.run`,
+which writes ``samples.jsonl`` + ``summary.json`` into ``<out>/runs/<task>/<model>-<variant>-L<len>``
+and caches the backbone, so the model loads once for the whole benchmark.  A rerun of the same
+command resumes every run (the runner skips rows it already has).
+
+Every sampler gets the same tasks, seed, example selection (``--limit``, first examples) and
+generation lengths, and its own config defaults (no per-sampler tuning; ``--extra`` overrides are
+applied to every run alike).  Runs:
+
+- main: every ``--samplers`` entry x task x length;
+- threshold sweep (issue 5): fast_dllm with ``sampler.threshold`` = each ``--threshold-sweep`` value;
+- ablations (issue 6): asynclane with each mechanism (lane_batching, draft_reuse, cascade,
+  compact_refresh) switched off in turn.
+
+A variant equal to a main run (fast_dllm at its default threshold, asynclane with everything on)
+is that run, not a second one.  Tables (stdout and ``<out>/benchmark.md``, the command line on
+top): per sampler x task x length accuracy, NFE per sample (sequential model calls), generated
+tokens per model call, token-forwards per generated token (compute) and TPS; AsyncLane's ratio to
+the best competitor on each metric (best in that metric's direction at the same task/length); the
+fastest competitor per task/length by TPS and by NFE; the ablation table; the threshold table.
+``python -m eval.report`` outputs (markdown/LaTeX tables, CSV, plots) go to ``<out>/report``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import math
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+TARGET = "asynclane"
+PREFERRED_ORDER = ["blockwise", "dream", "fast_dllm", "dparallel", "d3llm", "asynclane"]
+ABLATION_SWITCHES = ("lane_batching", "draft_reuse", "cascade", "compact_refresh")
+DEFAULT_THRESHOLDS = "0.5,0.7,0.9,0.95"
+
+# (key, column label, higher is better)
+METRICS = [
+    ("accuracy", "accuracy", True),
+    ("nfe", "NFE/sample", False),
+    ("tokens_per_call", "tokens/call", True),
+    ("forwards_per_token", "token-fwd/token", False),
+    ("tps", "TPS", True),
+]
+FMT = {"accuracy": ".3f", "nfe": ".1f", "tokens_per_call": ".2f", "forwards_per_token": ".1f", "tps": ".1f"}
+
+
+# ------------------------------------------------------------------ configs and the plan
+
+
+def conf_dir() -> Path:
+    spec = importlib.util.find_spec("eval.conf")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("error: the package eval.conf is not importable; install the project (pip install -e .)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def registered_samplers() -> list[str]:
+    """The sampler choices of the harness (conf/sampler/*.yaml), in a stable, readable order."""
+    names = sorted(p.stem for p in (conf_dir() / "sampler").glob("*.yaml"))
+    return [n for n in PREFERRED_ORDER if n in names] + [n for n in names if n not in PREFERRED_ORDER]
+
+
+def sampler_defaults(name: str) -> dict:
+    """The plain (non-interpolated) defaults of one sampler preset."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(conf_dir() / "sampler" / f"{name}.yaml")
+    out = {}
+    for k in cfg:
+        try:
+            v = cfg[k]
+        except Exception:  # an interpolation (gen_length) that needs the whole config
+            continue
+        out[str(k)] = v
+    return out
+
+
+@dataclass(frozen=True)
+class Run:
+    sampler: str
+    task: str
+    length: int
+    options: tuple = ()  # ((key, value), ...) sampler options that differ from the preset
+
+    @property
+    def variant(self) -> str:
+        parts = [self.sampler]
+        for k, v in self.options:
+            parts.append(f"{k}{v}" if not isinstance(v, bool) else (k if v else f"no_{k}"))
+        return "-".join(parts)
+
+    def overrides(self, model: str, limit: Optional[int], seed: int, threads: Optional[int],
+                  extra: Sequence[str]) -> list[str]:
+        ov = [f"model={model}", f"sampler={self.sampler}", f"task={self.task}", f"gen_length={self.length}",
+              f"limit={'null' if limit is None else limit}", f"seed={seed}"]
+        if threads:
+            ov.append(f"threads={threads}")
+        ov += [f"sampler.{k}={_ov_value(v)}" for k, v in self.options]
+        return ov + list(extra)
+
+    def run_dir(self, out: Path, model: str) -> Path:
+        return Path(out) / "runs" / self.task / f"{model}-{self.variant}-L{self.length}"
+
+
+def _ov_value(v) -> str:
+    return ("true" if v else "false") if isinstance(v, bool) else str(v)
+
+
+@dataclass
+class Plan:
+    main: list = field(default_factory=list)        # Run
+    thresholds: dict = field(default_factory=dict)  # (task, L, threshold) -> Run
+    ablations: dict = field(default_factory=dict)   # (task, L, switch or "full") -> Run
+
+    def runs(self) -> list[Run]:
+        """Every distinct run, main ones first (a variant equal to a main run appears once)."""
+        return list(dict.fromkeys([*self.main, *self.thresholds.values(), *self.ablations.values()]))
+
+
+def _variant(sampler: str, task: str, L: int, opts: dict, defaults: dict) -> Run:
+    """A Run whose options omit those equal to the preset: so equal configurations are equal Runs."""
+    kept = tuple((k, v) for k, v in opts.items() if not (k in defaults and defaults[k] == v))
+    return Run(sampler, task, L, kept)
+
+
+def make_plan(samplers: Sequence[str], tasks: Sequence[str], lengths: Sequence[int], thresholds: Sequence[float],
+              ablations: bool, defaults: Optional[dict] = None) -> Plan:
+    """The runs of one benchmark; ``defaults``: {sampler: preset defaults} (read from conf/ when None)."""
+    defaults = defaults if defaults is not None else {}
+
+    def d(name):
+        if name not in defaults:
+            defaults[name] = sampler_defaults(name)
+        return defaults[name]
+
+    plan = Plan()
+    for task in tasks:
+        for L in lengths:
+            for s in samplers:
+                plan.main.append(Run(s, task, L))
+            for t in thresholds:
+                plan.thresholds[(task, L, t)] = _variant("fast_dllm", task, L, {"threshold": t}, d("fast_dllm"))
+            if ablations:
+                plan.ablations[(task, L, "full")] = Run(TARGET, task, L)
+                for sw in ABLATION_SWITCHES:
+                    plan.ablations[(task, L, sw)] = _variant(TARGET, task, L, {sw: False}, d(TARGET))
+    return plan
+
+
+def check_block_lengths(runs: Sequence[Run], defaults_of) -> list[str]:
+    """Problems with block_length not dividing gen_length (the only constraint across samplers)."""
+    bad = []
+    for r in runs:
+        b = dict(r.options).get("block_length", defaults_of(r.sampler).get("block_length"))
+        if isinstance(b, int) and b > 0 and r.length % b:
+            bad.append(f"{r.variant}: block_length {b} does not divide gen_length {r.length}")
+    return sorted(set(bad))
+
+
+# ------------------------------------------------------------------ metrics and tables (pure)
+
+
+def metrics(summary: dict) -> dict:
+    """The table metrics of one run's summary (``eval.rows.summarize`` + environment)."""
+    def num(v):
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+    fwd, gen = num(summary.get("token_forwards_mean")), num(summary.get("gen_tokens_mean"))
+    return {"accuracy": num(summary.get("accuracy")), "nfe": num(summary.get("nfe_mean")),
+            "tokens_per_call": num(summary.get("tokens_per_nfe")),
+            "forwards_per_token": fwd / gen if fwd is not None and gen else None,
+            "tps": num(summary.get("tps")), "n": summary.get("n"),
+            "device_name": summary.get("device_name"), "device": summary.get("device")}
+
+
+def best_competitor(cells: dict, metric: str, higher: bool, target: str = TARGET) -> Optional[tuple[str, float]]:
+    """(sampler, value) of the competitor (any sampler but ``target``) with the best ``metric``.
+
+    cells: {sampler: metrics}.  Best is the largest value when ``higher`` else the smallest;
+    ties go to the first in ``cells`` order; samplers without the metric are skipped.
+    """
+    best = None
+    for name, m in cells.items():
+        v = m.get(metric)
+        if name == target or v is None:
+            continue
+        if best is None or (v > best[1] if higher else v < best[1]):
+            best = (name, v)
+    return best
+
+
+def tied_with(cells: dict, metric: str, best: Optional[tuple[str, float]], target: str = TARGET) -> list[str]:
+    """Other competitors whose ``metric`` equals the best value."""
+    if best is None:
+        return []
+    return [n for n, m in cells.items() if n not in (target, best[0]) and m.get(metric) == best[1]]
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def _f(v, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _keys(results: dict) -> list[tuple[str, int]]:
+    return list(dict.fromkeys((t, L) for t, L, _ in results))
+
+
+def _cells(results: dict, task: str, L: int) -> dict:
+    return {s: m for (t, l, s), m in results.items() if t == task and l == L}
+
+
+def main_table(results: dict) -> str:
+    """results: {(task, L, sampler): metrics}, in display order."""
+    header = ["task", "L", "sampler"] + [label for _, label, _ in METRICS]
+    rows = [[t, L, s] + [_f(m.get(k), FMT[k]) for k, _, _ in METRICS] for (t, L, s), m in results.items()]
+    return md_table(header, rows)
+
+
+def ratio_rows(results: dict, target: str = TARGET) -> list[dict]:
+    """Per task/length and metric: target's value, the best competitor and its value, the ratio."""
+    out = []
+    for task, L in _keys(results):
+        cells = _cells(results, task, L)
+        if target not in cells:
+            continue
+        for k, label, higher in METRICS:
+            best = best_competitor(cells, k, higher, target)
+            mine = cells[target].get(k)
+            out.append({"task": task, "L": L, "metric": k, "label": label, "higher": higher, "value": mine,
+                        "best": best[0] if best else None, "tied": tied_with(cells, k, best, target),
+                        "best_value": best[1] if best else None,
+                        "ratio": ratio(mine, best[1]) if best else None})
+    return out
+
+
+def verdict(mine: Optional[float], best: Optional[float], higher: bool) -> Optional[str]:
+    """"yes" when ``mine`` beats ``best`` in the metric's direction, "tie" when equal, else "no"."""
+    if mine is None or best is None:
+        return None
+    if mine == best:
+        return "tie"
+    return "yes" if (mine > best) == higher else "no"
+
+
+def ratio_table(results: dict, target: str = TARGET) -> str:
+    rows = []
+    for r in ratio_rows(results, target):
+        better = verdict(r["value"], r["best_value"], r["higher"])
+        rows.append([r["task"], r["L"], f"{r['label']} ({'higher' if r['higher'] else 'lower'} is better)",
+                     _f(r["value"], FMT[r["metric"]]),
+                     (r["best"] or "n/a") + (f" (tied: {', '.join(r['tied'])})" if r["tied"] else ""),
+                     _f(r["best_value"], FMT[r["metric"]]),
+                     _f(r["ratio"], ".2f") + ("x" if r["ratio"] is not None else ""), better or "n/a"])
+    return md_table(["task", "L", "metric", target, "best competitor", "its value", f"{target} / best",
+                     f"{target} better?"], rows)
+
+
+def fastest_competitors(results: dict, target: str = TARGET) -> list[dict]:
+    """Per task/length: the competitor with the highest TPS and the one with the fewest NFE."""
+    out = []
+    for task, L in _keys(results):
+        cells = _cells(results, task, L)
+        by_tps = best_competitor(cells, "tps", True, target)
+        by_nfe = best_competitor(cells, "nfe", False, target)
+        if by_tps is None and by_nfe is None:
+            continue
+        out.append({"task": task, "L": L, "by_tps": by_tps, "by_nfe": by_nfe})
+    return out
+
+
+def fastest_statements(results: dict, target: str = TARGET) -> list[str]:
+    lines = []
+    for r in fastest_competitors(results, target):
+        tps = f"{r['by_tps'][0]} by TPS ({r['by_tps'][1]:.1f} tokens/s)" if r["by_tps"] else "none by TPS (n/a)"
+        nfe = f"{r['by_nfe'][0]} by NFE ({r['by_nfe'][1]:.1f} model calls/sample)" if r["by_nfe"] else \
+            "none by NFE (n/a)"
+        lines.append(f"- {r['task']}, L={r['L']}: fastest competitor is {tps}; {nfe}")
+    return lines
+
+
+def ablation_table(ablations: dict) -> str:
+    """ablations: {(task, L, switch or "full"): metrics}."""
+    keys = ["accuracy", "nfe", "tokens_per_call", "forwards_per_token"]
+    rows = []
+    for (task, L, sw), m in ablations.items():
+        name = f"{TARGET} (full)" if sw == "full" else f"{sw} off"
+        rows.append([task, L, name] + [_f(m.get(k), FMT[k]) for k in keys])
+    return md_table(["task", "L", "variant", "accuracy", "NFE/sample", "tokens/call", "token-fwd/token"], rows)
+
+
+def threshold_table(thresholds: dict) -> str:
+    """thresholds: {(task, L, threshold): metrics}."""
+    keys = ["accuracy", "nfe", "tokens_per_call", "forwards_per_token", "tps"]
+    rows = [[task, L, t] + [_f(m.get(k), FMT[k]) for k in keys] for (task, L, t), m in thresholds.items()]
+    return md_table(["task", "L", "fast_dllm threshold", "accuracy", "NFE/sample", "tokens/call", "token-fwd/token",
+                     "TPS"], rows)
+
+
+def render(command: str, results: dict, ablations: dict, thresholds: dict, note: str = "") -> str:
+    """The whole benchmark.md (also what is printed)."""
+    parts = ["# Benchmark", "", f"Command: `{command}`", ""]
+    if note:
+        parts += [note, ""]
+    parts += ["## Samplers side by side", "",
+              "NFE/sample: sequential model calls per generate call; tokens/call: generated tokens (to the "
+              "first EOS, inclusive) per model call; token-fwd/token: token positions pushed through the model "
+              "per generated token (compute); TPS: generated tokens per generate-second, warm-up excluded.", "",
+              main_table(results), ""]
+    if any(s == TARGET for _, _, s in results) and len({s for _, _, s in results}) > 1:
+        parts += [f"## {TARGET} against the best competitor", "",
+                  "Best = the competitor with the best value of that metric at the same task and length "
+                  "(most accurate, fewest NFE, most tokens/call, fewest token-forwards/token, highest TPS).", "",
+                  ratio_table(results), ""]
+    fast = fastest_statements(results)
+    if fast:
+        parts += ["## Fastest competitor", "", *fast, ""]
+    if ablations:
+        parts += [f"## {TARGET} ablations (each mechanism off in turn)", "", ablation_table(ablations), ""]
+    if thresholds:
+        parts += ["## fast_dllm threshold sweep", "", threshold_table(thresholds), ""]
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------ running
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="scripts/benchmark.py", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samplers", default=None, help="comma-separated (default: every registered sampler)")
+    ap.add_argument("--tasks", default="arith,listops", help="comma-separated (default: arith,listops)")
+    ap.add_argument("--lengths", default="64,128,256", help="gen_length values (default: 64,128,256)")
+    ap.add_argument("--limit", default="100", help="examples per run, the first ones; 'null': whole pool (default 100)")
+    ap.add_argument("--seed", type=int, default=0, help="one seed for every run (default 0)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--model", default="tiny", help="model preset (default tiny)")
+    ap.add_argument("--out", type=Path, default=Path("results/benchmark"), help="default results/benchmark")
+    ap.add_argument("--extra", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="Hydra overrides passed to every run alike (e.g. device=cuda batch_size=1)")
+    ap.add_argument("--threshold-sweep", default=DEFAULT_THRESHOLDS,
+                    help=f"fast_dllm thresholds (default {DEFAULT_THRESHOLDS}); 'none' skips the sweep")
+    ap.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True,
+                    help="asynclane with each mechanism off in turn (default on; --no-ablations skips)")
+    ap.add_argument("--reference", default=None, help="eval.report's speedup reference (default: blockwise if run)")
+    ap.add_argument("--dry-run", action="store_true", help="print the planned runs only")
+    a = ap.parse_args(argv)
+    known = registered_samplers()
+    a.samplers = _csv(a.samplers) if a.samplers else known
+    bad = [s for s in a.samplers if s not in known]
+    if bad:
+        ap.error(f"unknown sampler(s) {bad}; registered: {', '.join(known)}")
+    a.tasks = _csv(a.tasks)
+    try:
+        a.lengths = [int(x) for x in _csv(a.lengths)]
+        a.thresholds = [] if a.threshold_sweep.strip().lower() in ("", "none") else \
+            [float(x) for x in _csv(a.threshold_sweep)]
+        a.limit = None if str(a.limit).lower() in ("null", "none") else int(a.limit)
+    except ValueError as e:
+        ap.error(str(e))
+    if not a.samplers or not a.tasks or not a.lengths:
+        ap.error("need at least one sampler, task and length")
+    return a
+
+
+def command_line(argv: Sequence[str], script: str = "scripts/benchmark.py") -> str:
+    return shlex.join(["python", script, *argv])
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module(config_module="eval.conf", version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def main(argv=None) -> int:
+    script = sys.argv[0] if argv is None and sys.argv[0].endswith(".py") else "scripts/benchmark.py"
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parse_args(argv)
+    cmd = command_line(argv, script)
+    defaults: dict = {}
+    plan = make_plan(a.samplers, a.tasks, a.lengths, a.thresholds, a.ablations, defaults)
+    runs = plan.runs()
+
+    def ov(r: Run) -> list[str]:
+        return r.overrides(a.model, a.limit, a.seed, a.threads, a.extra)
+
+    problems = check_block_lengths(runs, lambda s: defaults.setdefault(s, sampler_defaults(s)))
+    if problems:
+        print("error: " + "; ".join(problems), file=sys.stderr)
+        return 2
+    if a.dry_run:
+        print(f"# {cmd}\n# {len(runs)} runs into {a.out / 'runs'}; report into {a.out / 'report'}")
+        for r in runs:
+            print(shlex.join(["python", "-m", "eval", *ov(r), f"hydra.run.dir={r.run_dir(a.out, a.model)}"]))
+        return 0
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from asynclane import CheckpointNotFound
+
+    from eval.runner import UsageError, run
+
+    summaries: dict[Run, dict] = {}
+    t_all = time.perf_counter()
+    for i, r in enumerate(runs, 1):
+        t0 = time.perf_counter()
+        try:
+            cfg = compose(ov(r))
+            summaries[r] = run(cfg, r.run_dir(a.out, a.model))
+        except (UsageError, CheckpointNotFound) as e:
+            print(f"error: {r.variant} {r.task} L={r.length}: {e}", file=sys.stderr)
+            return 2
+        s = summaries[r]
+        print(f"[{i}/{len(runs)}] {r.task} L={r.length} {r.variant}: n={s['n']} accuracy={_f(s['accuracy'], '.3f')} "
+              f"NFE={_f(s.get('nfe_mean'), '.1f')} TPS={_f(s.get('tps'), '.1f')} ({time.perf_counter() - t0:.1f}s)",
+              file=sys.stderr, flush=True)
+
+    results = {(r.task, r.length, r.sampler): metrics(summaries[r]) for r in plan.main}
+    ablations = {k: metrics(summaries[r]) for k, r in plan.ablations.items()}
+    thresholds = {k: metrics(summaries[r]) for k, r in plan.thresholds.items()}
+    first = summaries[runs[0]]
+    note = (f"Model `{a.model}`, seed {a.seed}, the first {a.limit if a.limit is not None else 'all'} examples per "
+            f"task, the same for every sampler; each sampler's preset defaults; overrides for all: "
+            f"`{' '.join(a.extra) or 'none'}`. Device: {first.get('device_name')} ({first.get('device')}, "
+            f"{first.get('cpu_threads')} CPU threads). {len(runs)} runs, {time.perf_counter() - t_all:.0f}s. "
+            f"Run directories: `{a.out / 'runs'}`; eval.report outputs: `{a.out / 'report'}`.")
+    text = render(cmd, results, ablations, thresholds, note)
+
+    from eval.report import write_report
+
+    ref = a.reference or ("blockwise" if "blockwise" in a.samplers else None)
+    files = write_report([r.run_dir(a.out, a.model) for r in runs], a.out / "report", ref, cmd)
+    text += f"\neval.report outputs: {', '.join(f'`{v}`' for v in files.values())}\n"
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "benchmark.md").write_text(text)
+    print(text)
+    print(f"wrote {a.out / 'benchmark.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

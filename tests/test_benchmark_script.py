@@ -1,0 +1,167 @@
+"""scripts/benchmark.py: the table/ratio logic on synthetic rows (no model), the plan and its
+``--dry-run``, and one tiny real invocation through the harness (tiny model, 2 examples, L=32)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "benchmark.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["benchmark_script"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def m(acc, nfe, tpc, fpt, tps):
+    return {"accuracy": acc, "nfe": nfe, "tokens_per_call": tpc, "forwards_per_token": fpt, "tps": tps}
+
+
+# one task/length; each competitor is best on a different metric, so every direction is exercised
+CELLS = {
+    "blockwise": m(0.90, 64.0, 0.9, 50.0, 100.0),   # most accurate
+    "fast_dllm": m(0.80, 20.0, 2.5, 18.0, 300.0),   # fewest NFE, most tokens/call, highest TPS
+    "d3llm": m(0.70, 25.0, 2.0, 12.0, 250.0),       # fewest token-forwards/token
+    "asynclane": m(0.85, 16.0, 3.0, 15.0, 240.0),
+}
+RESULTS = {("arith", 64, s): v for s, v in CELLS.items()}
+
+
+def test_metrics_from_a_summary(bench):
+    got = bench.metrics({"accuracy": 0.5, "nfe_mean": 10.0, "tokens_per_nfe": 2.0, "token_forwards_mean": 300.0,
+                         "gen_tokens_mean": 20.0, "tps": 123.0, "n": 4})
+    assert got["accuracy"] == 0.5 and got["nfe"] == 10.0 and got["tokens_per_call"] == 2.0
+    assert got["forwards_per_token"] == 15.0 and got["tps"] == 123.0
+    assert bench.metrics({"accuracy": None, "tps": None, "gen_tokens_mean": 0.0})["forwards_per_token"] is None
+
+
+def test_best_competitor_follows_each_metric_direction(bench):
+    assert bench.best_competitor(CELLS, "accuracy", True) == ("blockwise", 0.90)
+    assert bench.best_competitor(CELLS, "nfe", False) == ("fast_dllm", 20.0)
+    assert bench.best_competitor(CELLS, "tokens_per_call", True) == ("fast_dllm", 2.5)
+    assert bench.best_competitor(CELLS, "forwards_per_token", False) == ("d3llm", 12.0)
+    assert bench.best_competitor(CELLS, "tps", True) == ("fast_dllm", 300.0)
+    # asynclane itself is never its own competitor, even where it is best
+    assert bench.best_competitor({"asynclane": m(1, 1, 9, 1, 999), "x": m(0, 5, 1, 5, 5)}, "nfe", False) == ("x", 5)
+    # missing values are skipped; ties go to the first competitor in order
+    cells = {"a": m(None, 10, 1, 1, None), "b": m(0.5, 10, 1, 1, 7.0), "asynclane": m(0.5, 9, 1, 1, 1)}
+    assert bench.best_competitor(cells, "accuracy", True) == ("b", 0.5)
+    assert bench.best_competitor(cells, "nfe", False) == ("a", 10)
+    assert bench.tied_with(cells, "nfe", ("a", 10)) == ["b"]
+    assert bench.best_competitor({"asynclane": m(1, 1, 1, 1, 1)}, "tps", True) is None
+
+
+def test_ratio_rows_are_asynclane_over_the_best_competitor(bench):
+    rows = {r["metric"]: r for r in bench.ratio_rows(RESULTS)}
+    assert set(rows) == {"accuracy", "nfe", "tokens_per_call", "forwards_per_token", "tps"}
+    assert rows["accuracy"]["best"] == "blockwise" and rows["accuracy"]["ratio"] == pytest.approx(0.85 / 0.90)
+    assert rows["nfe"]["best"] == "fast_dllm" and rows["nfe"]["ratio"] == pytest.approx(16 / 20)
+    assert rows["tokens_per_call"]["ratio"] == pytest.approx(3.0 / 2.5)
+    fpt = rows["forwards_per_token"]
+    assert fpt["best"] == "d3llm" and fpt["ratio"] == pytest.approx(15 / 12)
+    assert rows["tps"]["best"] == "fast_dllm" and rows["tps"]["ratio"] == pytest.approx(0.8)
+    assert bench.verdict(16, 20, higher=False) == "yes" and bench.verdict(240, 300, higher=True) == "no"
+    assert bench.verdict(0.0, 0.0, higher=True) == "tie" and bench.verdict(None, 1.0, True) is None
+    table = bench.ratio_table(RESULTS)
+    assert "| arith | 64 | NFE/sample (lower is better) | 16.0 | fast_dllm | 20.0 | 0.80x | yes |" in table
+    assert "| arith | 64 | TPS (higher is better) | 240.0 | fast_dllm | 300.0 | 0.80x | no |" in table
+    assert "| arith | 64 | token-fwd/token (lower is better) | 15.0 | d3llm | 12.0 | 1.25x | no |" in table
+    # no asynclane at a task/length: no ratio rows there
+    assert bench.ratio_rows({("arith", 64, "blockwise"): CELLS["blockwise"]}) == []
+
+
+def test_fastest_competitor_per_task_and_length(bench):
+    results = dict(RESULTS)
+    # at 128 the TPS winner and the NFE winner differ, and asynclane (fastest overall) is excluded
+    results.update({("arith", 128, "blockwise"): m(0.9, 128, 1, 50, 400.0),
+                    ("arith", 128, "fast_dllm"): m(0.8, 30, 3, 18, 350.0),
+                    ("arith", 128, "asynclane"): m(0.8, 10, 9, 10, 999.0)})
+    fast = bench.fastest_competitors(results)
+    assert [(r["L"], r["by_tps"][0], r["by_nfe"][0]) for r in fast] == [(64, "fast_dllm", "fast_dllm"),
+                                                                      (128, "blockwise", "fast_dllm")]
+    lines = bench.fastest_statements(results)
+    assert lines[1] == ("- arith, L=128: fastest competitor is blockwise by TPS (400.0 tokens/s); "
+                        "fast_dllm by NFE (30.0 model calls/sample)")
+
+
+def test_render_has_command_and_every_table(bench):
+    abl = {("arith", 64, "full"): CELLS["asynclane"], ("arith", 64, "cascade"): m(0.85, 18, 2.7, 16, 200)}
+    thr = {("arith", 64, 0.5): m(0.6, 12, 4, 10, 400), ("arith", 64, 0.9): CELLS["fast_dllm"]}
+    text = bench.render("python scripts/benchmark.py --x", RESULTS, abl, thr)
+    assert text.splitlines()[2] == "Command: `python scripts/benchmark.py --x`"
+    for heading in ("## Samplers side by side", "## asynclane against the best competitor", "## Fastest competitor",
+                    "## asynclane ablations", "## fast_dllm threshold sweep"):
+        assert heading in text
+    assert "| arith | 64 | asynclane | 0.850 | 16.0 | 3.00 | 15.0 | 240.0 |" in text
+    assert "| arith | 64 | cascade off | 0.850 | 18.0 | 2.70 | 16.0 |" in text
+    assert "| arith | 64 | 0.5 | 0.600 | 12.0 | 4.00 | 10.0 | 400.0 |" in text
+
+
+def test_plan_shares_equal_configurations(bench):
+    plan = bench.make_plan(["blockwise", "fast_dllm", "asynclane"], ["arith", "listops"], [64, 128],
+                           [0.5, 0.9], ablations=True)
+    runs = plan.runs()
+    # per task x length: 3 main + 1 new threshold (0.9 is fast_dllm's default) + 4 ablations (full = main)
+    assert len(runs) == 2 * 2 * (3 + 1 + 4)
+    assert plan.thresholds[("arith", 64, 0.9)] == bench.Run("fast_dllm", "arith", 64)
+    assert plan.ablations[("listops", 128, "full")] == bench.Run("asynclane", "listops", 128)
+    assert plan.ablations[("arith", 64, "cascade")].options == (("cascade", False),)
+    assert plan.thresholds[("arith", 64, 0.5)].variant == "fast_dllm-threshold0.5"
+    # the same tasks, lengths and seed for every sampler
+    assert {(r.task, r.length) for r in runs if r.sampler == "blockwise"} == \
+        {(r.task, r.length) for r in runs if r.sampler == "asynclane"}
+    ov = plan.ablations[("arith", 64, "draft_reuse")].overrides("tiny", 100, 0, 1, ["device=cpu"])
+    assert ov == ["model=tiny", "sampler=asynclane", "task=arith", "gen_length=64", "limit=100", "seed=0",
+                  "threads=1", "sampler.draft_reuse=false", "device=cpu"]
+
+
+def test_registered_samplers_default(bench):
+    names = bench.registered_samplers()
+    assert set(names) >= {"blockwise", "dream", "fast_dllm", "dparallel", "d3llm", "asynclane"}
+
+
+def test_dry_run_lists_the_expected_runs(bench, capsys, tmp_path):
+    rc = bench.main(["--dry-run", "--samplers", "blockwise,asynclane", "--tasks", "arith", "--lengths", "64,128",
+                     "--limit", "5", "--threshold-sweep", "0.5", "--out", str(tmp_path)])
+    assert rc == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("python -m eval")]
+    # per length: blockwise, asynclane, fast_dllm@0.5, asynclane x 4 switches off
+    assert len(lines) == 2 * 7
+    assert lines[0] == (f"python -m eval model=tiny sampler=blockwise task=arith gen_length=64 limit=5 seed=0 "
+                        f"hydra.run.dir={tmp_path}/runs/arith/tiny-blockwise-L64")
+    assert any("sampler=fast_dllm" in ln and "sampler.threshold=0.5" in ln and "gen_length=128" in ln for ln in lines)
+    assert sum("sampler.compact_refresh=false" in ln for ln in lines) == 2
+    assert not (tmp_path / "runs").exists()  # nothing ran
+
+    rc = bench.main(["--dry-run", "--samplers", "blockwise", "--lengths", "48", "--threshold-sweep", "none",
+                     "--no-ablations"])
+    assert rc == 2 and "block_length 32 does not divide gen_length 48" in capsys.readouterr().err
+
+
+def test_tiny_real_invocation_writes_benchmark_md(tmp_path):
+    out = tmp_path / "bench"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = ["--samplers", "blockwise,fast_dllm,asynclane", "--tasks", "arith", "--lengths", "32", "--limit", "2",
+            "--threads", "1", "--out", str(out)]
+    res = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    md = (out / "benchmark.md").read_text()
+    assert md.startswith("# Benchmark") and f"Command: `python {SCRIPT} {' '.join(args)}`" in md
+    for s in ("blockwise", "fast_dllm", "asynclane"):
+        assert f"| arith | 32 | {s} |" in md
+    assert "## asynclane against the best competitor" in md and "fastest competitor is" in md
+    assert "| arith | 32 | compact_refresh off |" in md and "| arith | 32 | 0.95 |" in md
+    assert (out / "report" / "table.md").exists() and (out / "report" / "grouped.csv").exists()
+    assert len(list((out / "runs" / "arith").glob("*/summary.json"))) == 10
+    assert md.strip() in res.stdout
