@@ -113,6 +113,29 @@ def _fill_from_shards(model: Transformer, ckpt: Path) -> None:
         raise KeyError(f"{ckpt}: checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
 
 
+def checkpoint_id(path_or_hub_id) -> str:
+    """A cheap identity of a local checkpoint's weights: config + size and both ends of each file.
+
+    Retraining or swapping weights changes it (a result computed from other weights must never be
+    resumed into); reading 2 MiB per file keeps it fast for 8B checkpoints.  A hub id that is not
+    a local directory is identified by its name.
+    """
+    import hashlib
+
+    p = Path(path_or_hub_id).expanduser()
+    if not (p / "config.json").exists():
+        return str(path_or_hub_id)
+    h = hashlib.sha256((p / "config.json").read_bytes())
+    for f in shard_files(p):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
 def load_tokenizer(ckpt: Path):
     if not any((ckpt / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None  # a weights-only directory (tests)

@@ -44,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import baselines  # noqa: F401  (importing registers every competing sampler)
 from asynclane import CheckpointNotFound, CountingBackbone, build_sampler, load_backbone
-from asynclane.loading import TINY_DIR, resolve_device, resolve_dtype
+from asynclane.loading import TINY_DIR, checkpoint_id, resolve_device, resolve_dtype
 from asynclane.sampler import first_eos_cut
 
 from .rows import SAMPLES, SUMMARY, TRACES, Appender, read_rows, summarize, write_rows
@@ -81,6 +81,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
         dtype = resolve_dtype(conf["dtype"])
     except ValueError as e:
         raise UsageError(str(e)) from None
+    # the weights' identity is part of the fingerprint: rows from other weights are never resumed
+    conf["model"]["checkpoint_id"] = checkpoint_id(conf["model"].get("path") or TINY_DIR)
     fingerprint = _fingerprint(conf)
     seed = int(conf["seed"])
     random.seed(seed)

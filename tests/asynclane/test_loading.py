@@ -240,3 +240,22 @@ def test_missing_tensors(saved, tmp_path):
 def test_unknown_dtype():
     with pytest.raises(ValueError, match="bf16"):
         loading.resolve_dtype("int4")
+
+
+def test_checkpoint_id_follows_the_weights_not_the_directory(tmp_path):
+    import torch
+
+    from asynclane.loading import checkpoint_id, save_checkpoint
+    from asynclane.testing import random_config, random_model
+
+    cfg = random_config("llada")
+    ids = {"mask": cfg.vocab_size - 1, "eos": cfg.vocab_size - 2, "pad": cfg.vocab_size - 2}
+    model = random_model(cfg, seed=0)
+    save_checkpoint(model, tmp_path / "a", ids)
+    save_checkpoint(model, tmp_path / "b", ids, shard_size=None)
+    assert checkpoint_id(tmp_path / "a") == checkpoint_id(tmp_path / "b")  # same weights, other place
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+    save_checkpoint(model, tmp_path / "a", ids)
+    assert checkpoint_id(tmp_path / "a") != checkpoint_id(tmp_path / "b")  # retrained: new identity
+    assert checkpoint_id("GSAI-ML/LLaDA-8B-Instruct") == "GSAI-ML/LLaDA-8B-Instruct"
