@@ -433,11 +433,20 @@ def main(argv=None) -> None:
                          f"default: {DEFAULT_REFERENCE} when present)")
     ap.add_argument("--out", type=Path, default=None, help="output directory (default: <first path>/report)")
     ap.add_argument("--command", default="", help="how the runs were made, quoted in table.md")
+    ap.add_argument("--timeline", metavar="EXAMPLE_ID", nargs="?", const="", default=None,
+                    help="also draw the lane timeline PNG of one example (default: the first traced one) "
+                         "from the first path's traces.jsonl (runs made with save_traces=true)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         files = write_report(a.paths, a.out, a.reference, a.command)
-    except FileNotFoundError as e:
+        if a.timeline is not None:
+            from .timeline import load_trace, plot_lane_timeline
+
+            ex, trace, _ = load_trace(a.paths[0], a.timeline or None)
+            out = Path(files["md"]).parent / f"timeline_{ex}.png"
+            files["timeline"] = str(plot_lane_timeline(trace, out, title=f"{a.paths[0].name}: {ex}"))
+    except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(Path(files["md"]).read_text())
