@@ -54,3 +54,13 @@ def random_prompts(backbone: Backbone, lengths=(5, 8), seed: int = 0) -> list[li
     g = torch.Generator().manual_seed(seed)
     hi = backbone.spec.vocab_size - 4  # the top four ids are the spec's special tokens
     return [torch.randint(0, hi, (n,), generator=g).tolist() for n in lengths]
+
+
+def run_counted(name: str, backbone, prompts, seed: int = 0, **options):
+    """Run the registered sampler ``name`` through a CountingBackbone: (Generation, counter)."""
+    from .counting import CountingBackbone
+    from .sampler import build_sampler
+
+    counting = CountingBackbone(backbone)
+    out = build_sampler(name, **options).generate(counting, prompts, torch.Generator().manual_seed(seed))
+    return out, counting

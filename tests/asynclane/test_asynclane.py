@@ -9,23 +9,16 @@ import json
 import pytest
 import torch
 
-from asynclane.counting import CountingBackbone
 from asynclane.lanes import DONE, GEN, KILLED, REF
 from asynclane.sampler import build_sampler, first_eos_cut
 from asynclane.samplers.asynclane import AsyncLaneConfig, delimiter_set
-from asynclane.testing import random_backbone, random_prompts
+from asynclane.testing import random_prompts, run_counted
 
 import baselines  # noqa: E402,F401  (registers fast_dllm for the equivalence tests)
 
-FAMILIES = ["llada", "dream"]
 CACHES = ["none", "prefix", "dual"]
 DELIM = 10  # an ordinary id of the random vocabulary, used as the delimiter
 OFF = dict(max_lanes=1, draft_reuse=False, cascade=False, compact_refresh=False)
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def backbone(request):
-    return random_backbone(request.param)
 
 
 class _Delim:
@@ -65,9 +58,7 @@ class _EosAt:
 
 
 def _run(name, bb, prompts, **opts):
-    counting = CountingBackbone(bb)
-    out = build_sampler(name, **opts).generate(counting, prompts, torch.Generator().manual_seed(0))
-    return out, counting
+    return run_counted(name, bb, prompts, 0, **opts)
 
 
 FORKY = dict(gen_length=64, block_length=16, delimiter_ids=[DELIM], max_residual_fraction=0.5)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from asynclane.counting import CountingBackbone
 from asynclane.sampler import build_sampler
-from asynclane.testing import random_backbone, random_prompts
+from asynclane.testing import random_prompts
 from baselines.blockwise import BlockwiseConfig
 
 SETTINGS = [  # (gen_length, block_length, steps)
@@ -15,13 +15,7 @@ SETTINGS = [  # (gen_length, block_length, steps)
     (16, 4, 16),   # four blocks, one token per step
     (24, 8, 12),   # three blocks, quota 2 per step
 ]
-FAMILIES = ["llada", "dream"]
 BOOST = 5.3  # with the 0.3 slope: EOS-like proposals at some masked positions, not all
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def backbone(request):
-    return random_backbone(request.param)
 
 
 class _Boosted:

@@ -18,30 +18,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asynclane.counting import CountingBackbone
 from asynclane.sampler import build_sampler, first_eos_cut
-from asynclane.testing import random_backbone, random_prompts
+from asynclane.testing import random_prompts, run_counted
 from baselines.d3llm import D3llmConfig
 
-FAMILIES = ["llada", "dream"]
 # the random backbones' entropies start near 3.0 (LLaDA) / 2.54 (Dream) nats: one, some or all pass
 THRESHOLDS = {"llada": [0.5, 3.0008, 1e9], "dream": [0.5, 2.45, 1e9]}
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def backbone(request):
-    return random_backbone(request.param)
-
-
-@pytest.fixture(scope="module")
-def llada():
-    return random_backbone("llada")
-
-
 def _run(bb, prompts, seed=0, name="d3llm", **opts):
-    counting = CountingBackbone(bb)
-    out = build_sampler(name, **opts).generate(counting, prompts, torch.Generator().manual_seed(seed))
-    return out, counting
+    return run_counted(name, bb, prompts, seed, **opts)
 
 
 class _EosAt:

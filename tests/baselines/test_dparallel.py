@@ -14,34 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asynclane.counting import CountingBackbone
 from asynclane.sampler import build_sampler, left_pad
-from asynclane.testing import random_backbone, random_prompts
+from asynclane.testing import random_prompts, run_counted
 from baselines.dparallel import DParallelConfig
 
-FAMILIES = ["llada", "dream"]
 THRESHOLDS = {"llada": [0.5, 3.0008, 3.01, 1e9], "dream": [0.5, 2.45, 2.52, 1e9]}
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def backbone(request):
-    return random_backbone(request.param)
-
-
-@pytest.fixture(scope="module")
-def llada():
-    return random_backbone("llada")
-
-
-@pytest.fixture(scope="module")
-def dream():
-    return random_backbone("dream")
-
-
 def _run(bb, prompts, seed=0, **opts):
-    counting = CountingBackbone(bb)
-    out = build_sampler("dparallel", **opts).generate(counting, prompts, torch.Generator().manual_seed(seed))
-    return out, counting
+    return run_counted("dparallel", bb, prompts, seed, **opts)
 
 
 # --- transcription of LLaDA/generate.py `generate` + `get_transfer_index_entropy` (T = 0) --------

@@ -16,15 +16,9 @@ import torch.nn.functional as F
 from asynclane import rules
 from asynclane.counting import CountingBackbone
 from asynclane.sampler import build_sampler
-from asynclane.testing import random_backbone, random_prompts
+from asynclane.testing import random_prompts
 from baselines.dream import DreamConfig
 
-FAMILIES = ["llada", "dream"]
-
-
-@pytest.fixture(scope="module", params=FAMILIES)
-def backbone(request):
-    return random_backbone(request.param)
 
 
 # --- literal transcription of Dream generation_utils.py (written fresh for this test) -------------

@@ -17,34 +17,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asynclane.counting import CountingBackbone
 from asynclane.sampler import build_sampler, first_eos_cut
-from asynclane.testing import random_backbone, random_prompts
+from asynclane.testing import random_prompts, run_counted
 from baselines.fast_dllm import FastDllmConfig
 
-FAMILIES = ["llada", "dream"]
 CACHES = ["none", "prefix", "dual"]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def backbone(request):
-    return random_backbone(request.param)
-
-
-@pytest.fixture(scope="module")
-def llada():
-    return random_backbone("llada")
-
-
-@pytest.fixture(scope="module")
-def dream():
-    return random_backbone("dream")
-
-
 def _run(bb, prompts, seed=0, **opts):
-    counting = CountingBackbone(bb)
-    out = build_sampler("fast_dllm", **opts).generate(counting, prompts, torch.Generator().manual_seed(seed))
-    return out, counting
+    return run_counted("fast_dllm", bb, prompts, seed, **opts)
 
 
 # --- the reference's model API on the native backbone ------------------------------------------
