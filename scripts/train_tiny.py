@@ -1,10 +1,19 @@
 """Train the embedded tiny dLLM (LLaDA family) on the synthetic tasks with the LLaDA SFT objective.
 
-Reproduce the committed checkpoint with one command (resumes from ``scripts/tiny_state/`` when
-present; bit-exact across interruptions because every step's data and noise come from
-``seed`` and the step number alone)::
+The shipped weights (``src/asynclane/tiny``) came from one run on an NVIDIA H200 (torch 2.11,
+bf16 autocast, 14 data-worker processes, 32,768-token batches): 15,486 steps in 360 s of
+training, stopped by ``--time-budget`` at 80% of the 19,278-step schedule it calibrated from its
+measured step rate.  Its log is ``results/tiny_training/log.jsonl``; ``training.json`` beside the
+weights holds the exact command and the one that reproduces the schedule without calibration::
 
-    python scripts/train_tiny.py
+    python scripts/train_tiny.py --device cuda --amp --workers 14 --batch-tokens 32768 \
+        --steps 19278 --stop-after 15486 --lr 2e-3 --warmup 300 --probe-every 1000 --probe-n 100
+
+The run resumes from ``--state`` (default ``scripts/tiny_state/``, not committed) when present.
+On a CPU (the defaults: fp32, 4,096-token batches, inline data) a run is bit-exact across
+interruptions, because every step's data and noise come from ``seed`` and the step number alone;
+batches built by ``--workers`` processes are identical to inline ones.  On a GPU, kernels are not
+bit-deterministic, so a rerun reproduces the recipe, not the last bit of the weights.
 
 Objective (LLaDA SFT, GUIDELINES): the prompt stays clean; the answer, padded with EOS to the
 generation length, has each position masked with probability t ~ U(eps, 1] per row; loss is
@@ -17,9 +26,9 @@ Model: native ``asynclane.backbone.Transformer`` in LLaDA form, d 256, 4 layers,
 SwiGLU 768, word-level vocabulary (about 3.4M parameters).  AdamW (0.9, 0.95), wd 0.1,
 linear warm-up then cosine decay to 10%, grad-norm clip 1.0, fp32, 2 threads.
 
-Training time on the project's 2-core CPU (AMD EPYC, AVX2, fp32, 2 threads): 0.8 s per step
-when nothing else runs (2-4 s while tests share the cores), so the 10,000-step schedule is about
-2.3 h of quiet CPU.  ``scripts/tiny_state/log.jsonl`` records, every 50 steps, the loss,
+Step time: 0.8 s for a 4,096-token batch on the project's 2-core CPU (fp32, 2 threads; 7,000
+steps there reached only 15% / 0% exact match on arith / listops), 23 ms for a 32,768-token batch
+on the H200 (43 steps/s, data workers included).  The log records, every 50 steps, the loss,
 masked-token accuracy and cumulative training seconds, and at every probe the exact match of
 greedy decoding and the fill-in accuracy (one answer token masked; numbers vs structure).
 ``src/asynclane/tiny/training.json`` states the step and seconds of the shipped weights.
@@ -52,7 +61,19 @@ GEN_WEIGHTS = (0.6, 0.25, 0.15)
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=10000, help="length of the lr schedule")
+    ap.add_argument("--steps", type=int, default=10000,
+                    help="length of the lr schedule; 0 = calibrate it to --time-budget (see below)")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds of training: stop (resumably) once spent; with --steps 0 the schedule "
+                         "length is set from the step rate measured over steps 20-60 (recorded in the log "
+                         "and training.json, so a rerun with that --steps reproduces the schedule)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast (cuda)")
+    ap.add_argument("--workers", type=int, default=0, help="processes building batches (0: inline)")
+    ap.add_argument("--log", type=Path, default=None, help="log file (default: STATE/log.jsonl)")
+    ap.add_argument("--weights-only", action="store_true",
+                    help="export weights, config and training.json but not the tokenizer files")
+    ap.add_argument("--probe-n", type=int, default=20, help="held-out problems per task per probe")
     ap.add_argument("--stop-after", type=int, default=None, help="stop (resumably) at this step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -101,12 +122,33 @@ def make_batch(step: int, seed: int, tok, batch_tokens: int):
     return ids, key_mask, answer_mask, gen
 
 
-def sft_loss(model, ids, key_mask, answer_mask, gen: int, mask_id: int, g: torch.Generator, eps=1e-3):
-    B, T = ids.shape
+def make_noise(step: int, seed: int, answer_mask: torch.Tensor, eps=1e-3):
+    """Per-row mask ratio t ~ U(eps, 1] and the masked answer positions for ``step``."""
+    B, T = answer_mask.shape
+    g = torch.Generator().manual_seed(seed * 7919 + step)
     t = (1 - eps) * torch.rand(B, 1, generator=g) + eps
     masked = (torch.rand(B, T, generator=g) < t) & answer_mask
+    return t, masked
+
+
+_TOK = None
+
+
+def prepare_step(job):
+    """Everything step ``step`` trains on (runs in a data worker when --workers > 0)."""
+    global _TOK
+    step, seed, batch_tokens = job
+    if _TOK is None:
+        _TOK = build_tokenizer(synthetic.VOCAB_WORDS)
+    ids, key_mask, answer_mask, gen = make_batch(step, seed, _TOK, batch_tokens)
+    t, masked = make_noise(step, seed, answer_mask)
+    return ids, key_mask, gen, t, masked
+
+
+def sft_loss(model, ids, key_mask, gen: int, mask_id: int, t, masked):
+    B, T = ids.shape
     noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
-    positions = torch.arange(T).expand(B, T)
+    positions = torch.arange(T, device=ids.device).expand(B, T)
     hidden = model(noisy, positions, key_mask)
     logits = model.head(hidden[masked])
     ce = F.cross_entropy(logits, ids[masked], reduction="none")
@@ -138,10 +180,12 @@ def greedy_blockwise(model, prompts, gen, block, mask_id, eos_id):
         ids[r, : P - len(pr)] = eos_id
         key_mask[r, : P - len(pr)] = False
         ids[r, P - len(pr): P] = torch.tensor(pr)
+    dev = model.head.weight.device
+    ids, key_mask = ids.to(dev), key_mask.to(dev)
     positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
     for b0 in range(P, T, block):
         for _ in range(block):
-            logits = model.head(model(ids, positions, key_mask))
+            logits = model.head(model(ids, positions, key_mask)).float()
             conf, pred = logits.softmax(-1).max(-1)
             still = ids == mask_id
             still[:, b0 + block:] = False
@@ -187,8 +231,9 @@ def fill_in_accuracy(model, tok, n=40):
             cols = torch.arange(len(answer)) + len(prompt)
             rows[torch.arange(len(answer)), cols] = tok.mask_token_id
             T = rows.shape[1]
-            hidden = model(rows, torch.arange(T).expand(len(answer), T))
-            pred = model.head(hidden[torch.arange(len(answer)), cols]).argmax(-1)
+            dev = model.head.weight.device
+            hidden = model(rows.to(dev), torch.arange(T, device=dev).expand(len(answer), T))
+            pred = model.head(hidden[torch.arange(len(answer), device=dev), cols.to(dev)]).argmax(-1).cpu()
             for t, ok in zip(answer, (pred == torch.tensor(answer)).tolist()):
                 h = hit["number" if t in numbers else "other"]
                 h[0] += ok
@@ -198,23 +243,72 @@ def fill_in_accuracy(model, tok, n=40):
     return out
 
 
-def save_state(path: Path, step, model, opt, elapsed):
+def save_state(path: Path, step, model, opt, elapsed, schedule_steps):
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / "state.pt.tmp"
-    torch.save({"step": step, "model": model.state_dict(), "opt": opt.state_dict(), "elapsed": elapsed}, tmp)
+    torch.save({"step": step, "model": model.state_dict(), "opt": opt.state_dict(), "elapsed": elapsed,
+                "schedule_steps": schedule_steps}, tmp)
     os.replace(tmp, path / "state.pt")
+
+
+def _worker_init():
+    torch.set_num_threads(1)
+
+
+def data_pool(args):
+    """``--workers`` batch-building processes, forked before any CUDA context exists (or None)."""
+    if args.workers <= 0:
+        return None
+    import multiprocessing as mp
+    return mp.get_context("fork").Pool(args.workers, initializer=_worker_init)
+
+
+def _to_numpy(batch):
+    ids, key_mask, gen, t, masked = batch
+    return ids.numpy(), key_mask.numpy(), gen, t.numpy(), masked.numpy()
+
+
+def _prepare_numpy(job):
+    # plain arrays travel by pickle: torch tensors would go through shared-memory file descriptors
+    return _to_numpy(prepare_step(job))
+
+
+def batches(args, pool, start: int):
+    """Step batches in order from ``start``, built inline or by ``pool`` (same content either way).
+
+    At most ``4 * workers`` batches are in flight, so memory stays bounded however long the run.
+    """
+    if pool is None:
+        step = start
+        while True:
+            yield prepare_step((step, args.seed, args.batch_tokens))
+            step += 1
+    from collections import deque
+    pending, nxt = deque(), start
+    while True:
+        while len(pending) < 4 * args.workers:
+            pending.append(pool.apply_async(_prepare_numpy, ((nxt, args.seed, args.batch_tokens),)))
+            nxt += 1
+        ids, key_mask, gen, t, masked = pending.popleft().get()
+        yield torch.from_numpy(ids), torch.from_numpy(key_mask), gen, torch.from_numpy(t), torch.from_numpy(masked)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    command = "python scripts/train_tiny.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    pool = data_pool(args)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     tok = build_tokenizer(synthetic.VOCAB_WORDS)
     cfg = model_config(args, len(tok))
     model = Transformer(cfg)
     for name, p in model.named_parameters():
         if p.dim() == 2:
             torch.nn.init.normal_(p, std=0.02)
+    model.to(args.device)
     decay = [p for p in model.parameters() if p.dim() == 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -222,22 +316,42 @@ def main(argv=None):
     step, elapsed = 0, 0.0
     state_file = args.state / "state.pt"
     if state_file.exists():
-        st = torch.load(state_file, weights_only=False)
+        st = torch.load(state_file, weights_only=False, map_location=args.device)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         step, elapsed = st["step"], st["elapsed"]
+        args.steps = st.get("schedule_steps", args.steps) if args.steps == 0 else args.steps
         print(f"resumed at step {step} ({elapsed:.0f} s of training so far)", flush=True)
-    stop = min(args.steps, args.stop_after or args.steps)
-    log = open(args.state.mkdir(parents=True, exist_ok=True) or args.state / "log.jsonl", "a")
+    if args.steps == 0 and args.time_budget is None:
+        raise SystemExit("--steps 0 (calibrated schedule) needs --time-budget SECONDS")
+    calibrating = args.steps == 0
+    horizon = 10 ** 9 if calibrating else args.steps
+    stop = min(horizon, args.stop_after or horizon)
+    args.state.mkdir(parents=True, exist_ok=True)
+    log = open(args.log or args.state / "log.jsonl", "a")
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if args.amp else torch.autocast("cpu", enabled=False)
     model.train()
     t0 = time.time()
     run_loss = run_acc = 0.0
-    while step < stop:
-        ids, key_mask, answer_mask, gen = make_batch(step, args.seed, tok, args.batch_tokens)
-        g = torch.Generator().manual_seed(args.seed * 7919 + step)
+    for ids, key_mask, gen, t, masked in batches(args, pool, step):
+        if step >= stop:
+            break
+        if calibrating and step == 20:
+            t_cal = time.time()
+        if calibrating and step == 60:
+            rate = 40 / (time.time() - t_cal)
+            args.steps = max(args.warmup + 100, int(rate * args.time_budget))
+            stop = min(args.steps, args.stop_after or args.steps)
+            calibrating = False
+            print(json.dumps({"calibrated_steps_per_s": round(rate, 2), "schedule_steps": args.steps}), flush=True)
+            log.write(json.dumps({"step": step, "calibrated_steps_per_s": round(rate, 2),
+                                  "schedule_steps": args.steps}) + "\n")
+        dev = args.device
+        ids, key_mask, t, masked = (x.to(dev, non_blocking=True) for x in (ids, key_mask, t, masked))
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
-        loss, acc = sft_loss(model, ids, key_mask, answer_mask, gen, tok.mask_token_id, g)
+        with amp:
+            loss, acc = sft_loss(model, ids, key_mask, gen, tok.mask_token_id, t, masked)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -245,6 +359,7 @@ def main(argv=None):
         step += 1
         run_loss += loss.item()
         run_acc += acc.item()
+        over_budget = args.time_budget is not None and elapsed + (time.time() - t0) >= args.time_budget
         if step % 50 == 0:
             now = time.time()
             elapsed += now - t0
@@ -253,19 +368,25 @@ def main(argv=None):
                    "lr": lr_at(step, args), "seconds": round(elapsed, 1)}
             run_loss = run_acc = 0.0
             if step % args.probe_every == 0:
-                rec["probe_gen64"] = probe(model, tok)
-                rec["fill_in_acc"] = fill_in_accuracy(model, tok)
+                with amp:
+                    rec["probe_gen64"] = probe(model, tok, n=args.probe_n)
+                    rec["fill_in_acc"] = fill_in_accuracy(model, tok)
                 t0 = time.time()
             print(json.dumps(rec), flush=True)
             log.write(json.dumps(rec) + "\n")
             log.flush()
-        if step % args.save_every == 0 or step == stop:
+        if step % args.save_every == 0 or step == stop or over_budget:
             elapsed += time.time() - t0
             t0 = time.time()
-            save_state(args.state, step, model, opt, elapsed)
+            save_state(args.state, step, model, opt, elapsed, args.steps)
             export_checkpoint(model, tok, args.out, meta={"step": step, "schedule_steps": args.steps,
                                                           "train_seconds": round(elapsed),
-                                                          "command": "python scripts/train_tiny.py"})
+                                                          "device": args.device, "command": command},
+                              with_tokenizer=not args.weights_only)
+        if over_budget:
+            break
+    if pool is not None:
+        pool.terminate()
     print(f"stopped at step {step}, {elapsed:.0f} s of training", flush=True)
 
 
