@@ -54,7 +54,9 @@ METRICS = [
     ("forwards_per_token", "token-fwd/token", False),
     ("tps", "TPS", True),
 ]
-FMT = {"accuracy": ".3f", "nfe": ".1f", "tokens_per_call": ".2f", "forwards_per_token": ".1f", "tps": ".1f"}
+FMT = {"accuracy": ".3f", "nfe": ".1f", "tokens_per_call": ".2f", "forwards_per_token": ".1f", "tps": ".1f",
+       "gpu_tps": ".0f"}
+GPU_METRIC = ("gpu_tps", "proj. GPU TPS", True)  # added to METRICS when --gpu-costs is given
 
 
 # ------------------------------------------------------------------ configs and the plan
@@ -173,17 +175,86 @@ def check_block_lengths(runs: Sequence[Run], defaults_of) -> list[str]:
 # ------------------------------------------------------------------ metrics and tables (pure)
 
 
-def metrics(summary: dict) -> dict:
+@dataclass(frozen=True)
+class CallCost:
+    """Per-call latency of an 8B-shape forward at batch 1: ``ms = base_ms + per_token_ms * tokens``.
+
+    Fitted by least squares to ``scripts/gpu_forward_cost.py`` rows (cache-free and cached calls,
+    every lane count and length) of one family: at batch 1 an 8B forward is bound by reading the
+    weights, so the cost of a call grows only slowly with the query tokens it carries.
+    """
+
+    family: str
+    base_ms: float
+    per_token_ms: float
+    device: str
+    n_rows: int
+
+    def ms(self, tokens: float) -> float:
+        return self.base_ms + self.per_token_ms * tokens
+
+
+def fit_call_cost(rows: Sequence[dict], family: str) -> CallCost:
+    pts = [(float(r["query_tokens"]), float(r["ms"])) for r in rows if r.get("family") == family]
+    if len(pts) < 2:
+        raise ValueError(f"need at least two {family} rows to fit a call cost, got {len(pts)}")
+    n = len(pts)
+    mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    slope = sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx else 0.0
+    device = next((r.get("device") for r in rows if r.get("family") == family), "?")
+    return CallCost(family, my - slope * mx, slope, str(device), n)
+
+
+def load_call_cost(paths: Sequence[Path], family: str) -> CallCost:
+    """The cost model fitted to the rows of every file in ``paths`` (repeated runs pool their rows)."""
+    import json
+
+    rows = []
+    for path in paths:
+        try:
+            rows += json.loads(Path(path).read_text()).get("rows", [])
+        except FileNotFoundError:
+            raise SystemExit(f"error: --gpu-costs {path}: no such file (write it with scripts/gpu_forward_cost.py)")
+    families = sorted({str(r.get("family")) for r in rows})
+    if family not in families:
+        raise SystemExit(f"error: --gpu-costs {', '.join(map(str, paths))} has no rows for family {family!r}; "
+                         f"it has {families}")
+    return fit_call_cost(rows, family)
+
+
+def projected_gpu_tps(nfe: Optional[float], forwards: Optional[float], gen_tokens: Optional[float],
+                      cost: CallCost) -> Optional[float]:
+    """Generated tokens per second if every model call of the run cost what it costs at 8B shape.
+
+    nfe, forwards, gen_tokens: per-sample means (model calls, token-forwards, generated tokens).
+    A call carries ``forwards / nfe`` tokens on average; sampler overhead outside calls is ignored.
+    """
+    if not nfe or forwards is None or gen_tokens is None:
+        return None
+    return gen_tokens / (nfe * cost.ms(forwards / nfe) / 1000.0)
+
+
+def metrics(summary: dict, cost: Optional[CallCost] = None) -> dict:
     """The table metrics of one run's summary (``eval.rows.summarize`` + environment)."""
     def num(v):
         return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
     fwd, gen = num(summary.get("token_forwards_mean")), num(summary.get("gen_tokens_mean"))
-    return {"accuracy": num(summary.get("accuracy")), "nfe": num(summary.get("nfe_mean")),
-            "tokens_per_call": num(summary.get("tokens_per_nfe")),
-            "forwards_per_token": fwd / gen if fwd is not None and gen else None,
-            "tps": num(summary.get("tps")), "n": summary.get("n"),
-            "device_name": summary.get("device_name"), "device": summary.get("device")}
+    nfe = num(summary.get("nfe_mean"))
+    out = {"accuracy": num(summary.get("accuracy")), "nfe": nfe,
+           "tokens_per_call": num(summary.get("tokens_per_nfe")),
+           "forwards_per_token": fwd / gen if fwd is not None and gen else None,
+           "tps": num(summary.get("tps")), "n": summary.get("n"),
+           "device_name": summary.get("device_name"), "device": summary.get("device")}
+    if cost is not None:
+        out["gpu_tps"] = projected_gpu_tps(nfe, fwd, gen, cost)
+    return out
+
+
+def active_metrics(results: dict) -> list:
+    """METRICS, plus the projected GPU TPS when the results carry it."""
+    return METRICS + ([GPU_METRIC] if any("gpu_tps" in m for m in results.values()) else [])
 
 
 def best_competitor(cells: dict, metric: str, higher: bool, target: str = TARGET) -> Optional[tuple[str, float]]:
@@ -235,8 +306,9 @@ def _cells(results: dict, task: str, L: int) -> dict:
 
 def main_table(results: dict) -> str:
     """results: {(task, L, sampler): metrics}, in display order."""
-    header = ["task", "L", "sampler"] + [label for _, label, _ in METRICS]
-    rows = [[t, L, s] + [_f(m.get(k), FMT[k]) for k, _, _ in METRICS] for (t, L, s), m in results.items()]
+    cols = active_metrics(results)
+    header = ["task", "L", "sampler"] + [label for _, label, _ in cols]
+    rows = [[t, L, s] + [_f(m.get(k), FMT[k]) for k, _, _ in cols] for (t, L, s), m in results.items()]
     return md_table(header, rows)
 
 
@@ -247,7 +319,7 @@ def ratio_rows(results: dict, target: str = TARGET) -> list[dict]:
         cells = _cells(results, task, L)
         if target not in cells:
             continue
-        for k, label, higher in METRICS:
+        for k, label, higher in active_metrics(results):
             best = best_competitor(cells, k, higher, target)
             mine = cells[target].get(k)
             out.append({"task": task, "L": L, "metric": k, "label": label, "higher": higher, "value": mine,
@@ -325,11 +397,13 @@ def render(command: str, results: dict, ablations: dict, thresholds: dict, note:
     parts = ["# Benchmark", "", f"Command: `{command}`", ""]
     if note:
         parts += [note, ""]
-    parts += ["## Samplers side by side", "",
-              "NFE/sample: sequential model calls per generate call; tokens/call: generated tokens (to the "
+    legend = ("NFE/sample: sequential model calls per generate call; tokens/call: generated tokens (to the "
               "first EOS, inclusive) per model call; token-fwd/token: token positions pushed through the model "
-              "per generated token (compute); TPS: generated tokens per generate-second, warm-up excluded.", "",
-              main_table(results), ""]
+              "per generated token (compute); TPS: generated tokens per generate-second, warm-up excluded.")
+    if any("gpu_tps" in m for m in results.values()):
+        legend += (" proj. GPU TPS: generated tokens per second if each of the run's model calls cost what an "
+                   "8B-shape call carrying as many tokens costs on the GPU (cost model at the end).")
+    parts += ["## Samplers side by side", "", legend, "", main_table(results), ""]
     if any(s == TARGET for _, _, s in results) and len({s for _, _, s in results}) > 1:
         parts += [f"## {TARGET} against the best competitor", "",
                   "Best = the competitor with the best value of that metric at the same task and length "
@@ -369,6 +443,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help=f"fast_dllm thresholds (default {DEFAULT_THRESHOLDS}); 'none' skips the sweep")
     ap.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True,
                     help="asynclane with each mechanism off in turn (default on; --no-ablations skips)")
+    ap.add_argument("--gpu-costs", type=Path, nargs="+", default=None, metavar="FILE",
+                    help="scripts/gpu_forward_cost.py output(s), rows pooled: add a projected GPU TPS at 8B shape")
+    ap.add_argument("--gpu-family", default="llada", help="which family's rows of --gpu-costs to use (default llada)")
     ap.add_argument("--reference", default=None, help="eval.report's speedup reference (default: blockwise if run)")
     ap.add_argument("--dry-run", action="store_true", help="print the planned runs only")
     a = ap.parse_args(argv)
@@ -444,7 +521,8 @@ def main(argv=None) -> int:
               f"NFE={_f(s.get('nfe_mean'), '.1f')} TPS={_f(s.get('tps'), '.1f')} ({time.perf_counter() - t0:.1f}s)",
               file=sys.stderr, flush=True)
 
-    results = {(r.task, r.length, r.sampler): metrics(summaries[r]) for r in plan.main}
+    cost = load_call_cost(a.gpu_costs, a.gpu_family) if a.gpu_costs else None
+    results = {(r.task, r.length, r.sampler): metrics(summaries[r], cost) for r in plan.main}
     ablations = {k: metrics(summaries[r]) for k, r in plan.ablations.items()}
     thresholds = {k: metrics(summaries[r]) for k, r in plan.thresholds.items()}
     first = summaries[runs[0]]
@@ -454,6 +532,10 @@ def main(argv=None) -> int:
             f"{first.get('cpu_threads')} CPU threads). {len(runs)} runs, {time.perf_counter() - t_all:.0f}s. "
             f"Run directories: `{a.out / 'runs'}`; eval.report outputs: `{a.out / 'report'}`.")
     text = render(cmd, results, ablations, thresholds, note)
+    if cost is not None:
+        text += (f"\nCost model for proj. GPU TPS: `{' '.join(map(str, a.gpu_costs))}` ({cost.n_rows} {cost.family} rows, {cost.device}, "
+                 f"random bf16 weights, batch 1), least-squares fit ms = {cost.base_ms:.2f} + "
+                 f"{cost.per_token_ms:.4f} x tokens carried by the call.\n")
 
     from eval.report import write_report
 

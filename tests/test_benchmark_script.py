@@ -165,3 +165,31 @@ def test_tiny_real_invocation_writes_benchmark_md(tmp_path):
     assert (out / "report" / "table.md").exists() and (out / "report" / "grouped.csv").exists()
     assert len(list((out / "runs" / "arith").glob("*/summary.json"))) == 10
     assert md.strip() in res.stdout
+
+
+def test_call_cost_fit_and_projected_gpu_tps(bench, tmp_path):
+    rows = [{"family": "llada", "query_tokens": q, "ms": 20.0 + 0.01 * q, "device": "GPU"} for q in (32, 64, 512)]
+    rows.append({"family": "dream", "query_tokens": 32, "ms": 99.0})
+    cost = bench.fit_call_cost(rows, "llada")
+    assert cost.base_ms == pytest.approx(20.0) and cost.per_token_ms == pytest.approx(0.01) and cost.n_rows == 3
+    # 10 calls of 32 tokens each (20.32 ms) producing 40 tokens
+    assert bench.projected_gpu_tps(10.0, 320.0, 40.0, cost) == pytest.approx(40 / (10 * 0.02032))
+    assert bench.projected_gpu_tps(0.0, 0.0, 0.0, cost) is None
+    with pytest.raises(ValueError, match="at least two dream rows"):
+        bench.fit_call_cost(rows, "dream")
+    # the column appears in the tables (and in the ratio rows) only when a cost model was given
+    summary = {"accuracy": 1.0, "nfe_mean": 10.0, "tokens_per_nfe": 4.0, "token_forwards_mean": 320.0,
+               "gen_tokens_mean": 40.0, "tps": 5.0, "n": 2}
+    with_gpu = {("arith", 64, "fast_dllm"): bench.metrics(summary, cost),
+                ("arith", 64, "asynclane"): bench.metrics({**summary, "nfe_mean": 5.0}, cost)}
+    assert "proj. GPU TPS" in bench.main_table(with_gpu) and "proj. GPU TPS" not in bench.main_table(RESULTS)
+    gpu = [r for r in bench.ratio_rows(with_gpu) if r["metric"] == "gpu_tps"]
+    assert len(gpu) == 1 and gpu[0]["ratio"] > 1
+    path = tmp_path / "costs.json"
+    path.write_text(__import__("json").dumps({"rows": rows}))
+    assert bench.load_call_cost([path], "llada") == cost
+    assert bench.load_call_cost([path, path], "llada").n_rows == 6  # repeated runs pool their rows
+    with pytest.raises(SystemExit, match="no rows for family 'qwen'"):
+        bench.load_call_cost([path], "qwen")
+    with pytest.raises(SystemExit, match="no such file"):
+        bench.load_call_cost([tmp_path / "missing.json"], "llada")
