@@ -6,6 +6,10 @@ keeps token-for-token equivalence tests meaningful), and a spec with its own mas
 """
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
 
 from .backbone import Backbone, BackboneSpec, ModelConfig, Transformer
@@ -64,3 +68,13 @@ def run_counted(name: str, backbone, prompts, seed: int = 0, **options):
     counting = CountingBackbone(backbone)
     out = build_sampler(name, **options).generate(counting, prompts, torch.Generator().manual_seed(seed))
     return out, counting
+
+
+def import_file(name: str, path) -> object:
+    """Import the Python file ``path`` once as module ``name`` (shared test helpers, scripts)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(path))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]

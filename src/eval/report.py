@@ -307,17 +307,24 @@ def _figsize(n_panels: int, labels: list[str]) -> tuple[float, float]:
     return 4.6 * n_panels + 0.6 + 0.075 * longest, 4.2
 
 
-def plot_accuracy_vs_tps(grouped: pd.DataFrame, path: Path) -> None:
+def _panel_figure(grouped: pd.DataFrame):
+    """pyplot, the figure, its (1, n) axes, the (model, task) panels and the method/length styles."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
 
     panels = _panels(grouped)
-    methods, colors, lengths, markers = _styles(grouped)
-    fig, axes = plt.subplots(1, len(panels), figsize=_figsize(len(panels), methods), squeeze=False,
+    styles = _styles(grouped)
+    fig, axes = plt.subplots(1, len(panels), figsize=_figsize(len(panels), styles[0]), squeeze=False,
                              constrained_layout=True)
+    return plt, fig, axes, panels, styles
+
+
+def plot_accuracy_vs_tps(grouped: pd.DataFrame, path: Path) -> None:
+    from matplotlib.lines import Line2D
+
+    plt, fig, axes, panels, (methods, colors, lengths, markers) = _panel_figure(grouped)
     for ax, (model, task) in zip(axes[0], panels):
         g = grouped[(grouped["model"] == model) & (grouped["task"] == task)].dropna(subset=["tps"])
         for _, r in g.iterrows():
@@ -348,15 +355,7 @@ def plot_accuracy_vs_tps(grouped: pd.DataFrame, path: Path) -> None:
 
 
 def plot_tps_vs_length(grouped: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = _panels(grouped)
-    methods, colors, lengths, _ = _styles(grouped)
-    fig, axes = plt.subplots(1, len(panels), figsize=_figsize(len(panels), methods), squeeze=False,
-                             constrained_layout=True)
+    plt, fig, axes, panels, (methods, colors, lengths, _) = _panel_figure(grouped)
     for ax, (model, task) in zip(axes[0], panels):
         g = grouped[(grouped["model"] == model) & (grouped["task"] == task)]
         for m in methods:

@@ -178,6 +178,11 @@ def test_draft_reuse_seeds_new_blocks_without_a_call(backbone):
     stepped = {p for r in on.trace for l in r["lanes"] for p in l["committed"]}
     remasked = {p for r in on.trace for p in r["remasked"]}
     assert all(p in remasked or p not in stepped for p in seeded)
+    # a re-masked draft waits for the next call: the call that re-masked it saw the draft token
+    # there, not a mask, so its proposal at that position is no prediction
+    for r in on.trace:
+        same_step = {p for l in r["lanes"] for p in l["committed"]}
+        assert not same_step & set(r["remasked"]), r
 
 
 @pytest.mark.parametrize("cache", CACHES)

@@ -25,27 +25,17 @@ the call the row is NaN (documented), and the references (``align``) encode exac
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from asynclane.testing import import_file
+
 
 def _parity_helpers():
-    """The HF helpers of test_backbone_parity.py, whatever pytest's import mode."""
-    here = Path(__file__).with_name("test_backbone_parity.py").resolve()
-    mod = sys.modules.get("test_backbone_parity")
-    if mod is not None and Path(getattr(mod, "__file__", "")).resolve() == here:
-        return mod
-    name = "_asynclane_parity_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, here)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+    """The HF helpers of test_backbone_parity.py (one module, whatever pytest's import mode)."""
+    return import_file("_asynclane_parity_helpers", Path(__file__).with_name("test_backbone_parity.py"))
 
 
 P = _parity_helpers()

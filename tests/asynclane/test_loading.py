@@ -7,9 +7,7 @@ through the §4.1 map and checks the loaded backbone against that HF model.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,22 +19,12 @@ from asynclane import loading
 from asynclane.backbone import Backbone, Transformer, rope_inv_freq
 from asynclane.checkpoint import official_config
 from asynclane.loading import CheckpointNotFound, load_backbone, save_checkpoint
-from asynclane.testing import random_backbone, random_config
+from asynclane.testing import import_file, random_backbone, random_config
 
 
 def _parity_helpers():
-    """The HF helpers of test_backbone_parity.py, whatever pytest's import mode."""
-    here = Path(__file__).with_name("test_backbone_parity.py").resolve()
-    mod = sys.modules.get("test_backbone_parity")
-    if mod is not None and Path(getattr(mod, "__file__", "")).resolve() == here:
-        return mod
-    name = "_asynclane_parity_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, here)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+    """The HF helpers of test_backbone_parity.py (one module, whatever pytest's import mode)."""
+    return import_file("_asynclane_parity_helpers", Path(__file__).with_name("test_backbone_parity.py"))
 
 
 FAMILIES = ("llada", "dream")

@@ -51,7 +51,9 @@ Algorithm (batch 1; one sequence, one lane tree, :mod:`asynclane.lanes`):
    (advance or fork) at the end of an iteration, its masked positions whose lookahead
    prediction from that same call has confidence >= ``draft_threshold`` are committed without a
    model call.  Guard: at the lane's next forward, a seeded token whose probability falls
-   below ``threshold / 2`` is re-masked.
+   below ``threshold / 2`` is re-masked, and is not committed again in that iteration (that
+   call saw the draft token at the position, not a mask, so its proposal there is no
+   prediction); the next call decodes it.
 9. Stop when no lane is ACTIVE.  Output = the buffer; ``lanes.stitch`` reads the same answer
    from the tree (leaf spans in order, cut at the first EOS).  ``Generation.trace``: one dict
    per iteration; ``Generation.info["lanes"]``: the final tree.
@@ -257,6 +259,9 @@ class AsyncLaneSampler:
                             rec["remasked"].append(p)
                 idx = torch.tensor([at[p] for p in region], device=x.device)
                 masked = (row[region[0]:region[-1] + 1] == spec.mask_id)[None]
+                for p in rec["remasked"]:  # its logits came from a call that saw the draft, not a mask:
+                    if region[0] <= p <= region[-1]:  # it waits for the next call
+                        masked[0, p - region[0]] = False
                 if bool(torch.isnan(conf[idx][masked[0]]).any()):  # a Dream row without its p - 1
                     raise RuntimeError(f"lane {l.id}: NaN logits for masked positions of {region[0]}..{region[-1]} "
                                        f"(call positions {cols[0]}..{cols[-1]}, cache={cfg.cache})")
@@ -360,7 +365,6 @@ class AsyncLaneSampler:
     @staticmethod
     def _call(backbone, x, cols, pred_pos, cache, write, key_mask, n_calls):
         """One model call (repeated ``n_calls`` times without lane batching: same inputs, same logits)."""
-        T = x.shape[1]
         lo, hi = cols[0], cols[-1] + 1
         contiguous = hi - lo == len(cols)
         pos = torch.arange(lo, hi, device=x.device)[None] if contiguous else torch.tensor([cols], device=x.device)
