@@ -103,10 +103,11 @@ class LaneTree:
         return r, c
 
     def cascade(self, q: int) -> list:
-        """EOS committed at ``q``: kill live lanes right of it, truncate the one holding it; killed ids."""
+        """EOS committed at ``q``: kill the leaf lanes (ACTIVE or DONE) right of it, truncate the one
+        holding it; killed ids."""
         killed = []
-        for lane in self.lanes:
-            if lane.state != ACTIVE:
+        for lane in self.lanes:  # live and finished leaves: a lane right of q may already be DONE
+            if lane.state not in (ACTIVE, DONE):
                 continue
             if lane.s > q:
                 lane.state = KILLED

@@ -141,6 +141,12 @@ def commit_topk(score: torch.Tensor, k: Union[int, torch.Tensor]) -> torch.Tenso
     return (_ranks(score) < k) & (score > _NEG_INF)
 
 
+def commit_above(score: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B, L) bool: every eligible position (score > -inf) with ``score >= threshold``; no
+    progress guarantee (callers that need one add the best themselves)."""
+    return (score > _NEG_INF) & (score >= threshold)
+
+
 def commit_threshold(score: torch.Tensor, threshold: float) -> torch.Tensor:
     """(B, L) bool: every eligible position with ``score >= threshold``, plus each row's best.
 
@@ -148,9 +154,8 @@ def commit_threshold(score: torch.Tensor, threshold: float) -> torch.Tensor:
     candidates, always keep rank 1, drop ranks >= 2 whose score ``< threshold``, so a tie at the
     threshold passes.  Rows with no eligible position commit nothing.
     """
-    eligible = score > _NEG_INF
-    best = (_ranks(score) == 0) & eligible
-    return best | (eligible & (score >= threshold))
+    best = (_ranks(score) == 0) & (score > _NEG_INF)
+    return best | commit_above(score, threshold)
 
 
 def commit_factor(score: torch.Tensor, factor: float, last_rank_quirk: bool = False) -> torch.Tensor:

@@ -86,3 +86,16 @@ def test_tree_is_inspectable_json():
     d = json.loads(json.dumps(tree.to_dicts()))
     assert [x["kind"] for x in d] == [GEN, REF, GEN] and d[0]["children"] == [1, 2]
     assert d[1]["span"] == [0, 6] and d[2]["span"] == [6, 14] and d[0]["state"] == FORKED
+
+
+def test_cascade_also_kills_finished_lanes_right_of_the_eos():
+    # a continuation that finished (DONE) before an EOS was committed to its left is cut too,
+    # so the non-killed leaves still tile the answer up to the EOS
+    tree = LaneTree(10, 74, 32)
+    root = tree.root
+    ref, gen = tree.fork(root, 20, 74, 1)
+    gen.state = DONE
+    killed = tree.cascade(15)
+    assert killed == [gen.id] and gen.state == KILLED
+    assert (ref.s, ref.e) == (10, 16)
+    tree.check()

@@ -322,3 +322,12 @@ def test_fork_point_respects_confidence_min_prefix_and_window():
     assert _fork([7, 7] + row, lo=2) == 6  # positions are absolute; only [lo, hi) is read
     assert _fork([7, 7] + row, lo=2, hi=6) is None  # the delimiter lies outside the window
     assert rules.fork_point(torch.tensor(row), torch.ones(6, dtype=torch.float64), 0, 6, M, set(), 0.5, 0.25, 4) is None
+
+
+def test_commit_above_has_no_progress_guarantee_and_commit_threshold_adds_the_best():
+    score = torch.tensor([[0.3, float("-inf"), 0.6, 0.95]])
+    assert rules.commit_above(score, 0.9).tolist() == [[False, False, False, True]]
+    assert rules.commit_above(score, 0.99).tolist() == [[False, False, False, False]]
+    assert rules.commit_threshold(score, 0.99).tolist() == [[False, False, False, True]]
+    # ineligible (-inf) positions never pass, even at threshold -inf
+    assert rules.commit_above(score, float("-inf")).tolist() == [[True, False, True, True]]

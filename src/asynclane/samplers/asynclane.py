@@ -30,7 +30,11 @@ Algorithm (batch 1; one sequence, one lane tree, :mod:`asynclane.lanes`):
    EOS fill) are recomputed inside the same call, ``write=True``, and nothing else is
    (``refresh_every`` still forces a full refresh).  Either way a refresh costs no extra call.
 4. GEN lane step (Fast-dLLM rule): in its working block commit every masked position whose
-   proposal confidence >= ``threshold``, at least the best.  Dream + cache + compact off: the
+   proposal confidence >= ``threshold``.  Progress guarantee per iteration, not per lane: when no
+   lane's position passes its threshold, the single most confident masked position of the whole
+   tree is committed (with one lane this is Fast-dLLM's "at least the best"; per lane, a fresh
+   continuation holding one uncertain token would be forced to guess it while its prefix is
+   still being refined).  Dream + cache + compact off: the
    block's first step commits only its first token (fast_dllm step 6).
    REF lane step: the same with ``refine_threshold`` over its span; after ``refine_budget``
    steps it fills every remaining mask with its argmax.  A REF lane is DONE when it has no mask.
@@ -246,7 +250,8 @@ class AsyncLaneSampler:
 
             rec = {"iteration": it, "calls": n_calls, "positions": len(cols),
                    "refresh": kind, "lanes": [], "forks": [], "kills": [], "seeded": [], "remasked": []}
-            # ----- lane steps
+            # ----- lane steps: thresholds per lane, the progress guarantee per iteration
+            steps, best = [], None  # best: (score, -position, lane entry) of the tree's best candidate
             for l in active:
                 region = list(l.working)
                 if seeded:  # guard: re-verify drafts at the lane's first forward
@@ -273,14 +278,26 @@ class AsyncLaneSampler:
                     tau = cfg.threshold if l.kind == GEN else cfg.refine_threshold
                     if l.kind == REF and l.steps + 1 >= cfg.refine_budget:
                         tau = float("-inf")
-                    commit = rules.commit_threshold(score, tau)
-                done = [region[j] for j in commit[0].nonzero().flatten().tolist()]
-                for p in done:
+                    commit = rules.commit_above(score, tau)
+                    if bool(masked.any()):
+                        j = int(score[0].argmax())
+                        cand = (float(score[0, j]), -region[j])
+                        if best is None or cand > best[:2]:
+                            best = (*cand, len(steps))
+                entry = {"id": l.id, "kind": l.kind, "span": [l.s, l.e], "block": [l.lo, l.e],
+                         "committed": [region[j] for j in commit[0].nonzero().flatten().tolist()]}
+                steps.append(entry)
+                l.steps += 1
+            if best is not None and not any(e["committed"] for e in steps):
+                # nothing passed its lane's threshold: commit the tree's single most confident
+                # masked position (Fast-dLLM's "at least the best", taken over all lanes, so a lane
+                # holding one uncertain position is not forced to guess it while others wait)
+                steps[best[2]]["committed"].append(-best[1])
+            for entry in steps:
+                for p in entry["committed"]:
                     row[p] = proposal[at[p]]
                     conf_at[p] = conf[at[p]]
-                l.steps += 1
-                rec["lanes"].append({"id": l.id, "kind": l.kind, "span": [l.s, l.e], "block": [l.lo, l.e],
-                                     "committed": done})
+                rec["lanes"].append(entry)
             # ----- cascading termination
             if cfg.cascade:
                 gen_part = row[P:end]
