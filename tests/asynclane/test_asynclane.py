@@ -201,6 +201,24 @@ def test_cascade_ends_the_tree_at_the_first_eos(backbone, cache):
     _check_invariants(off, spec, c_off)
 
 
+def test_prefix_calls_stop_at_the_answer_end_once_the_eos_tail_is_written(backbone):
+    # compact refresh + prefix cache: after a cascade fixes the EOS tail and one call has written
+    # it, later calls end at the answer's end instead of the buffer's (token-forwards, not NFE)
+    spec = backbone.spec
+    prompts = random_prompts(backbone, lengths=(7,), seed=3)
+    bb = _EosAt(_Delim(backbone), position=7 + 12)
+    on, c_on = _run("asynclane", bb, prompts, **dict(FORKY, cache="prefix"))
+    off, c_off = _run("asynclane", bb, prompts, **dict(FORKY, cache="prefix"), compact_refresh=False)
+    q = next(i for i, t in enumerate(on.tokens[0].tolist()) if t in spec.eos_ids)
+    T = on.sequences.shape[1]
+    cut = [i for i, r in enumerate(on.trace) if r["kills"] or i and on.trace[i - 1]["kills"]]
+    later = on.trace[(cut[-1] + 2 if cut else len(on.trace)):]
+    assert all(r["positions"] <= q + 1 for r in later)
+    assert c_on.token_forwards < c_off.token_forwards
+    assert q < T - 1
+    _check_invariants(on, spec, c_on)
+
+
 def test_eos_threshold_above_one_never_cascades(backbone):
     prompts = random_prompts(backbone, lengths=(7,), seed=3)
     bb = _EosAt(_Delim(backbone), position=7 + 20)

@@ -29,6 +29,9 @@ Algorithm (batch 1; one sequence, one lane tree, :mod:`asynclane.lanes`):
    ``compact_refresh`` on: stale slots (token changed since written: a finished REF span, the
    EOS fill) are recomputed inside the same call, ``write=True``, and nothing else is
    (``refresh_every`` still forces a full refresh).  Either way a refresh costs no extra call.
+   With a prefix cache, once a cascade has fixed the EOS tail ``[end, T)`` and one call has
+   written it, later calls stop at ``end`` and read the tail from the cache (compute, not NFE;
+   the tail's K/V were computed with the answer as it stood then, as a dual cache's are).
 4. GEN lane step (Fast-dLLM rule): in its working block commit every masked position whose
    proposal confidence >= ``threshold``.  Progress guarantee per iteration, not per lane: when no
    lane's position passes its threshold, the single most confident masked position of the whole
@@ -238,7 +241,7 @@ class AsyncLaneSampler:
                 need |= {l.lo - 1 for l in active if row[l.lo] == spec.mask_id}
             need = sorted(need)
             stale = (written != row).nonzero().flatten().tolist() if cache is not None else []
-            cols, write, kind = self._plan(cache, want_full, need, stale, T)
+            cols, write, kind = self._plan(cache, want_full, need, stale, T, end)
             n_calls = 1 if cfg.lane_batching else len(active)
             logits = self._call(backbone, x, cols, pred, cache, write, key_mask if len(cols) == T else None, n_calls)
             if write:
@@ -333,11 +336,12 @@ class AsyncLaneSampler:
         return Generation(sequences=x, prompt_length=P, finished=finished, trace=trace,
                           info={"lanes": tree.to_dicts(), "stitched": answer, "iterations": it})
 
-    def _plan(self, cache, want_full, need, stale, T):
+    def _plan(self, cache, want_full, need, stale, T, end):
         """The call's positions, whether it writes K/V, and its refresh kind (None / compact / full).
 
         ``need``: positions the lanes read logits from (plus Dream left neighbours); ``stale``:
-        slots whose cached K/V no longer match the buffer.  Without a cache every call is full.
+        slots whose cached K/V no longer match the buffer; ``end``: the answer's end after a
+        cascade (the EOS tail ``[end, T)`` is fixed).  Without a cache every call is full.
         """
         cfg = self.cfg
         if cache is None:
@@ -348,7 +352,10 @@ class AsyncLaneSampler:
             start, kind = need[0], None
             if stale and stale[0] < start:  # the cache would be read stale below `start`
                 start, kind = (stale[0], "compact") if cfg.compact_refresh else (0, "full")
-            return list(range(start, T)), cfg.compact_refresh or kind == "full", kind
+            hi = T
+            if cfg.compact_refresh and end < T and (not stale or stale[-1] < end):
+                hi = end  # compact: the fixed EOS tail, once written, is read from the cache
+            return list(range(start, hi)), cfg.compact_refresh or kind == "full", kind
         # dual: only the needed positions, written in place; everything else read from the cache
         outside = sorted(set(stale) - set(need))
         if not outside:
