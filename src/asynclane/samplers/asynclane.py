@@ -33,11 +33,12 @@ Algorithm (batch 1; one sequence, one lane tree, :mod:`asynclane.lanes`):
    written it, later calls stop at ``end`` and read the tail from the cache (compute, not NFE;
    the tail's K/V were computed with the answer as it stood then, as a dual cache's are).
 4. GEN lane step (Fast-dLLM rule): in its working block commit every masked position whose
-   proposal confidence >= ``threshold``.  Progress guarantee per iteration, not per lane: when no
-   lane's position passes its threshold, the single most confident masked position of the whole
-   tree is committed (with one lane this is Fast-dLLM's "at least the best"; per lane, a fresh
-   continuation holding one uncertain token would be forced to guess it while its prefix is
-   still being refined).  Dream + cache + compact off: the
+   proposal confidence >= ``threshold``.  Progress guarantee: only the leftmost lane that still
+   has masks commits at least its best position (with one lane this is Fast-dLLM's "at least
+   the best"); lanes right of it commit only what passes their threshold.  Everything to the
+   right is conditioned on that lane, and a per-lane guarantee forced a fresh continuation
+   holding one uncertain token to guess it while its prefix was still being refined (arith,
+   L=64, 50 problems: 84% exact, against 98% with this rule, NFE 3.3 -> 4.4).  Dream + cache + compact off: the
    block's first step commits only its first token (fast_dllm step 6).
    REF lane step: the same with ``refine_threshold`` over its span; after ``refine_budget``
    steps it fills every remaining mask with its argmax.  A REF lane is DONE when it has no mask.
@@ -282,19 +283,18 @@ class AsyncLaneSampler:
                     if l.kind == REF and l.steps + 1 >= cfg.refine_budget:
                         tau = float("-inf")
                     commit = rules.commit_above(score, tau)
-                    if bool(masked.any()):
+                    if bool(masked.any()) and best is None:  # the leftmost lane with masks
                         j = int(score[0].argmax())
-                        cand = (float(score[0, j]), -region[j])
-                        if best is None or cand > best[:2]:
-                            best = (*cand, len(steps))
+                        best = (float(score[0, j]), -region[j], len(steps))
                 entry = {"id": l.id, "kind": l.kind, "span": [l.s, l.e], "block": [l.lo, l.e],
                          "committed": [region[j] for j in commit[0].nonzero().flatten().tolist()]}
                 steps.append(entry)
                 l.steps += 1
-            if best is not None and not any(e["committed"] for e in steps):
-                # nothing passed its lane's threshold: commit the tree's single most confident
-                # masked position (Fast-dLLM's "at least the best", taken over all lanes, so a lane
-                # holding one uncertain position is not forced to guess it while others wait)
+            if best is not None and not steps[best[2]]["committed"]:
+                # progress: the leftmost lane with masks (everything right of it is conditioned on
+                # it) commits at least its best position, Fast-dLLM's "at least the best"; lanes to
+                # its right commit only what passes their threshold, so a fresh continuation
+                # holding one uncertain token is not forced to guess it while its prefix settles
                 steps[best[2]]["committed"].append(-best[1])
             for entry in steps:
                 for p in entry["committed"]:
