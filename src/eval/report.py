@@ -18,7 +18,9 @@ cell is a group-by of rows, never a number computed elsewhere.  Writes into ``--
 
 Sampler variants: runs of one sampler with different options (``sampler.threshold=0.7,0.9``)
 are told apart by the options that differ among the gathered rows, e.g.
-``fast_dllm (threshold=0.7)``.  Rows are deduplicated by (fingerprint, example_id); rows of
+``fast_dllm (threshold=0.7)``; where one value of an option is the usual one among the variants
+(an ablation), only the departures are named (``asynclane (cascade=False)``, and the variant with
+the usual values is plain ``asynclane``).  Rows are deduplicated by (fingerprint, example_id); rows of
 every fingerprint in a file count (a run's ``summary.json`` covers only its current
 ``limit``), so point the report at directories holding the runs you mean to compare.
 """
@@ -115,9 +117,27 @@ def method_labels(df: pd.DataFrame) -> pd.Series:
         varying = [k for k in keys if len({json.dumps(o[k], default=str) for o in opts[sel] if k in o}) > 1]
         if not varying:
             continue
-        labels[sel] = [f"{name} (" + ", ".join(f"{k}={_fmt_opt(o.get(k))}" for k in varying) + ")"
-                       for o in opts[sel]]
+        variants = {json.dumps(o, sort_keys=True, default=str): o for o in opts[sel]}.values()
+        usual = {k: _unique_mode([json.dumps(v.get(k), default=str) for v in variants]) for k in varying}
+
+        def label(o, keys):
+            shown = [k for k in keys if usual[k] is None or json.dumps(o.get(k), default=str) != usual[k]]
+            return name + (" (" + ", ".join(f"{k}={_fmt_opt(o.get(k))}" for k in shown) + ")" if shown else "")
+
+        # name each variant by where it departs from the usual value (an ablation: "cascade=False");
+        # keys without a unique usual value (a sweep) are always shown; if two variants would then
+        # read alike, show every varying option
+        short = {json.dumps(o, sort_keys=True, default=str): label(o, varying) for o in variants}
+        if len(set(short.values())) < len(short):
+            usual = {k: None for k in varying}
+        labels[sel] = [label(o, varying) for o in opts[sel]]
     return labels
+
+
+def _unique_mode(values: list):
+    """The most common value when it is strictly the most common, else None."""
+    counts = pd.Series(values).value_counts()
+    return counts.index[0] if len(counts) == 1 or counts.iloc[0] > counts.iloc[1] else None
 
 
 def _fmt_opt(v) -> str:
@@ -288,8 +308,11 @@ def _styles(grouped: pd.DataFrame):
     import matplotlib
 
     methods = method_order(grouped["method"].unique().tolist(), grouped["reference"].iloc[0])
-    cmap = matplotlib.colormaps["tab10"]
-    colors = {m: cmap(i % 10) for i, m in enumerate(methods)}
+    if len(methods) <= 10:
+        cmap, n = matplotlib.colormaps["tab10"], 10
+    else:  # distinct colours up to 20 methods (dark/light pairs), then they repeat
+        cmap, n = matplotlib.colormaps["tab20"], 20
+    colors = {m: cmap(i % n) for i, m in enumerate(methods)}
     lengths = sorted(int(L) for L in grouped["gen_length"].unique())
     marks = "osD^vP*Xh<>"
     markers = {L: marks[i % len(marks)] for i, L in enumerate(lengths)}
@@ -302,9 +325,11 @@ def _wrap(label: str, width: int = 38) -> str:
     return "\n".join(textwrap.wrap(label, width, subsequent_indent="  ", break_on_hyphens=False)) or label
 
 
-def _figsize(n_panels: int, labels: list[str]) -> tuple[float, float]:
-    longest = max((len(line) for lab in labels for line in _wrap(lab).splitlines()), default=10)
-    return 4.6 * n_panels + 0.6 + 0.075 * longest, 4.2
+def _figsize(n_panels: int, labels: list[str], extra_entries: int = 5) -> tuple[float, float]:
+    lines = [line for lab in labels for line in _wrap(lab).splitlines()]
+    longest = max((len(line) for line in lines), default=10)
+    # tall enough for the legend: its lines plus the length markers and the front
+    return 4.6 * n_panels + 0.6 + 0.075 * longest, max(4.2, 0.24 * (len(lines) + extra_entries) + 0.6)
 
 
 def _panel_figure(grouped: pd.DataFrame):

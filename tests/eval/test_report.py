@@ -117,6 +117,21 @@ def test_variants_are_labelled_by_the_options_that_differ(tmp_path):
         group(df, reference="fast_dllm")
 
 
+def test_ablation_variants_are_named_by_their_departure_from_the_usual_values(tmp_path):
+    full = {"cascade": True, "draft_reuse": True, "threshold": 0.9}
+    spec = SPECS[("fast_dllm", 32)]
+    rows = (_rows("asynclane", 32, spec, full) + _rows("asynclane", 32, spec, {**full, "cascade": False})
+            + _rows("asynclane", 32, spec, {**full, "draft_reuse": False}))
+    (tmp_path / SAMPLES).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    df = gather([tmp_path / SAMPLES])
+    assert sorted(df["method"].unique()) == ["asynclane", "asynclane (cascade=False)", "asynclane (draft_reuse=False)"]
+    # two variants, no usual value: both named in full, as a sweep is
+    rows = (_rows("asynclane", 32, spec, full) + _rows("asynclane", 32, spec, {**full, "cascade": False}))
+    (tmp_path / SAMPLES).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert sorted(gather([tmp_path / SAMPLES])["method"].unique()) == [
+        "asynclane (cascade=False)", "asynclane (cascade=True)"]
+
+
 def test_writes_every_output(synthetic, tmp_path):
     files = write_report([synthetic], out=tmp_path / "out")
     for key in ("csv", "md", "tex", "accuracy_vs_tps", "tps_vs_length"):
