@@ -341,3 +341,22 @@ def test_refresh_every_forces_full_refreshes_even_with_compact_refresh(backbone,
     T = out.sequences.shape[1]
     assert all(out.trace[i]["positions"] == T for i in full)
     _check_invariants(out, backbone.spec, counting)
+
+
+@pytest.mark.parametrize("cache", CACHES)
+def test_only_the_leftmost_lane_with_masks_is_forced_to_commit(backbone, cache):
+    # thresholds above 1: nothing passes, so every commit is a forced one.  Exactly one per
+    # iteration, in the leftmost lane that still has masks; lanes right of it (a continuation
+    # whose prefix is unsettled) are never forced to guess
+    prompts = random_prompts(backbone, lengths=(7,), seed=3)
+    opts = dict(FORKY, cache=cache, threshold=1.5, refine_threshold=1.5, refine_budget=10 ** 6,
+                draft_reuse=False, cascade=False)
+    gen, _ = _run("asynclane", _Delim(backbone), prompts, **opts)
+    assert any(r["forks"] for r in gen.trace)
+    done = set()
+    for r in gen.trace:
+        with_masks = [l for l in r["lanes"] if set(range(*l["block"])) - done]
+        committed = [(l["id"], p) for l in r["lanes"] for p in l["committed"]]
+        assert len(committed) == 1, r
+        assert committed[0][0] == with_masks[0]["id"], r
+        done |= {p for _, p in committed}
