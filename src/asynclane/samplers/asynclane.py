@@ -255,7 +255,7 @@ class AsyncLaneSampler:
             rec = {"iteration": it, "calls": n_calls, "positions": len(cols),
                    "refresh": kind, "lanes": [], "forks": [], "kills": [], "seeded": [], "remasked": []}
             # ----- lane steps: thresholds per lane, the progress guarantee per iteration
-            steps, best = [], None  # best: (score, -position, lane entry) of the tree's best candidate
+            steps, forced = [], None  # forced: (index in steps, position) of the leftmost masked lane's best
             for l in active:
                 region = list(l.working)
                 if seeded:  # guard: re-verify drafts at the lane's first forward
@@ -283,19 +283,18 @@ class AsyncLaneSampler:
                     if l.kind == REF and l.steps + 1 >= cfg.refine_budget:
                         tau = float("-inf")
                     commit = rules.commit_above(score, tau)
-                    if bool(masked.any()) and best is None:  # the leftmost lane with masks
-                        j = int(score[0].argmax())
-                        best = (float(score[0, j]), -region[j], len(steps))
+                    if bool(masked.any()) and forced is None:  # the leftmost lane with masks
+                        forced = (len(steps), region[int(score[0].argmax())])
                 entry = {"id": l.id, "kind": l.kind, "span": [l.s, l.e], "block": [l.lo, l.e],
                          "committed": [region[j] for j in commit[0].nonzero().flatten().tolist()]}
                 steps.append(entry)
                 l.steps += 1
-            if best is not None and not steps[best[2]]["committed"]:
+            if forced is not None and not steps[forced[0]]["committed"]:
                 # progress: the leftmost lane with masks (everything right of it is conditioned on
                 # it) commits at least its best position, Fast-dLLM's "at least the best"; lanes to
                 # its right commit only what passes their threshold, so a fresh continuation
                 # holding one uncertain token is not forced to guess it while its prefix settles
-                steps[best[2]]["committed"].append(-best[1])
+                steps[forced[0]]["committed"].append(forced[1])
             for entry in steps:
                 for p in entry["committed"]:
                     row[p] = proposal[at[p]]
