@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Optional, Protocol, Sequence, runtim
 import torch
 
 __all__ = ["SamplerConfig", "Generation", "Sampler", "register", "REGISTRY", "build_sampler",
-           "left_pad", "init_buffer", "first_eos_cut"]
+           "left_pad", "init_buffer", "first_eos_cut", "check_block_length"]
 
 
 @dataclass
@@ -32,6 +32,14 @@ class SamplerConfig:
             raise ValueError(f"gen_length must be positive, got {self.gen_length}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+
+
+def check_block_length(block_length: int, gen_length: int) -> None:
+    """Raise unless ``block_length`` divides ``gen_length`` (the message lists the valid ones)."""
+    if block_length <= 0 or gen_length % block_length:
+        valid = [d for d in range(1, gen_length + 1) if gen_length % d == 0]
+        raise ValueError(f"block_length={block_length} must divide gen_length={gen_length}; "
+                         f"valid block lengths: {valid}")
 
 
 @dataclass

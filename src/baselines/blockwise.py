@@ -73,7 +73,7 @@ from typing import Optional, Sequence
 import torch
 
 from asynclane import rules
-from asynclane.sampler import Generation, SamplerConfig, init_buffer, register
+from asynclane.sampler import Generation, SamplerConfig, check_block_length, init_buffer, register
 
 REMASKING = ("low_confidence", "random")
 
@@ -92,10 +92,7 @@ class BlockwiseConfig(SamplerConfig):
         super().__post_init__()
         if self.remasking not in REMASKING:
             raise ValueError(f"remasking={self.remasking!r} is not one of {', '.join(REMASKING)}")
-        if self.block_length <= 0 or self.gen_length % self.block_length:
-            valid = [d for d in range(1, self.gen_length + 1) if self.gen_length % d == 0]
-            raise ValueError(f"block_length={self.block_length} must divide gen_length={self.gen_length}; "
-                             f"valid block lengths: {valid}")
+        check_block_length(self.block_length, self.gen_length)
         if self.steps is not None and (self.steps <= 0 or self.steps % self.num_blocks):
             raise ValueError(f"steps={self.steps} must be a positive multiple of the number of blocks "
                              f"({self.num_blocks} = gen_length {self.gen_length} / block_length "

@@ -114,7 +114,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from asynclane import rules
-from asynclane.sampler import Generation, SamplerConfig, init_buffer, register
+from asynclane.sampler import Generation, SamplerConfig, check_block_length, init_buffer, register
 
 CACHES = ("none", "delayed")
 
@@ -138,10 +138,7 @@ class D3llmConfig(SamplerConfig):
             self.cache = "delayed" if self.cache else "none"
         if self.cache not in CACHES:
             raise ValueError(f"cache={self.cache!r} is not one of {', '.join(CACHES)} (or true / false)")
-        if self.block_length <= 0 or self.gen_length % self.block_length:
-            valid = [d for d in range(1, self.gen_length + 1) if self.gen_length % d == 0]
-            raise ValueError(f"block_length={self.block_length} must divide gen_length={self.gen_length}; "
-                             f"valid block lengths: {valid}")
+        check_block_length(self.block_length, self.gen_length)
         if not self.threshold >= 0:
             raise ValueError(f"threshold={self.threshold} must be an entropy >= 0 in nats (0.4-0.5 in the "
                              "d3LLM scripts; 0 commits one token per step)")

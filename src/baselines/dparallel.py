@@ -76,7 +76,7 @@ from typing import Sequence
 import torch
 
 from asynclane import rules
-from asynclane.sampler import Generation, SamplerConfig, init_buffer, register
+from asynclane.sampler import Generation, SamplerConfig, check_block_length, init_buffer, register
 
 
 @dataclass
@@ -88,10 +88,7 @@ class DParallelConfig(SamplerConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.block_length <= 0 or self.gen_length % self.block_length:
-            valid = [d for d in range(1, self.gen_length + 1) if self.gen_length % d == 0]
-            raise ValueError(f"block_length={self.block_length} must divide gen_length={self.gen_length}; "
-                             f"valid block lengths: {valid}")
+        check_block_length(self.block_length, self.gen_length)
         if not self.threshold >= 0:
             raise ValueError(f"threshold={self.threshold} must be an entropy >= 0 in nats (0.5 or 0.45 in "
                              "the paper; 0 commits one token per step)")
