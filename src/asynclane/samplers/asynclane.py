@@ -29,6 +29,10 @@ Algorithm (batch 1; one sequence, one lane tree, :mod:`asynclane.lanes`):
    ``compact_refresh`` on: stale slots (token changed since written: a finished REF span, the
    EOS fill) are recomputed inside the same call, ``write=True``, and nothing else is
    (``refresh_every`` still forces a full refresh).  Either way a refresh costs no extra call.
+   Which slots: with a prefix cache, everything from the first stale slot on (the call runs to
+   the buffer's end anyway); with a dual cache, the stale slots plus every slot from the first
+   stale one through the last working position, since their K/V were computed with the old
+   token in context (stale slots alone: arith, L=256, 50 problems, 96% -> 76% exact).
    With a prefix cache, once a cascade has fixed the EOS tail ``[end, T)`` and one call has
    written it, later calls stop at ``end`` and read the tail from the cache (compute, not NFE;
    the tail's K/V were computed with the answer as it stood then, as a dual cache's are).
@@ -360,7 +364,9 @@ class AsyncLaneSampler:
         if not outside:
             return need, True, None
         if cfg.compact_refresh:
-            return sorted(set(need) | set(outside)), True, "compact"
+            # slots between a changed token and the lanes saw the old token: rewrite them too
+            span = range(outside[0], need[-1] + 1) if outside[0] < need[-1] else ()
+            return sorted(set(need) | set(outside) | set(span)), True, "compact"
         return list(range(T)), True, "full"
 
     def _fork_point(self, g, row, conf_at, delims, end, n_active, spec):
