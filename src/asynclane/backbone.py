@@ -169,7 +169,7 @@ class Transformer(nn.Module):
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_mask: Optional[torch.Tensor] = None,
                 cache: Optional["KVCache"] = None, write: bool = False,
-                slot_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                slot_mask: Optional[torch.Tensor] = None, write_row: Optional[int] = None) -> torch.Tensor:
         """Hidden states (B, T, d) after the final norm.
 
         ids, positions: (B, T).  key_mask: (B, T) bool, False marks padding tokens that no query
@@ -177,6 +177,9 @@ class Transformer(nn.Module):
         ``write`` stores this call's K/V into slots ``positions`` (in place) *before* attending,
         otherwise cache slots at this call's positions are hidden so each position is seen once.
         slot_mask: (B or 1, S) bool restricting which cache slots may be attended (a window).
+        write_row: with ``write=False`` and a batch-1 cache, store row ``write_row``'s K/V in slots
+        ``positions`` after the call has read the cache (rows that differ read the cache, and the
+        one row that is the buffer's current state updates it: AsyncLane's speculative lanes).
         """
         B, T = ids.shape
         x = self.embed(ids)
@@ -202,6 +205,9 @@ class Transformer(nn.Module):
                     ck, cv = ck.expand(B, -1, -1, -1), cv.expand(B, -1, -1, -1)
                 keys, vals = torch.cat((ck, k), dim=2), torch.cat((cv, v), dim=2)
                 mask = torch.cat((cache_mask, key_mask), dim=1)
+                if write_row is not None:  # the reads above are copies: the call sees the cache as it was
+                    r = slice(write_row, write_row + 1)
+                    cache.write(li, positions[r], key_mask[r], k[r], v[r])
             rep = layer.n_heads // layer.n_kv
             if rep > 1:
                 keys, vals = keys.repeat_interleave(rep, dim=1), vals.repeat_interleave(rep, dim=1)
@@ -305,7 +311,7 @@ class Backbone:
     def forward(self, ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 key_mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
                 write: bool = False, slot_mask: Optional[torch.Tensor] = None,
-                predict: Optional[torch.Tensor] = None) -> torch.Tensor:
+                predict: Optional[torch.Tensor] = None, write_row: Optional[int] = None) -> torch.Tensor:
         """Aligned logits for the processed tokens.
 
         ids, positions (default 0..T-1), key_mask: (B, T).  Returns (B, T, V) where row j is the
@@ -315,7 +321,9 @@ class Backbone:
         B, T = ids.shape
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
-        hidden = self.model(ids, positions, key_mask, cache, write, slot_mask)
+        if write_row is not None and (cache is None or write or not 0 <= write_row < ids.shape[0]):
+            raise ValueError(f"write_row={write_row} needs a cache, write=False and a row of the {ids.shape[0]}")
+        hidden = self.model(ids, positions, key_mask, cache, write, slot_mask, write_row)
         if self.cfg.shifted_logits:
             hidden = self._shift(hidden, positions, key_mask)
         if predict is not None:

@@ -397,3 +397,26 @@ def fork_point(tokens: torch.Tensor, confidence: torch.Tensor, lo: int, hi: int,
         if n >= min_prefix and 1 <= r <= max_residual_fraction * n:
             return lo + j
     return None
+
+
+def line_forks(tokens: torch.Tensor, confidence: torch.Tensor, lo: int, hi: int, mask_id: int,
+               delimiters, delimiter_threshold: float, min_prefix: int) -> list:
+    """Every boundary in ``[lo, hi)`` at which a speculating GEN lane forks, left to right.
+
+    AsyncLane with speculative drafts (ours, see the sampler): each line that still holds masks
+    becomes its own refine lane, so its drafts are verified on their own.  ``p`` qualifies when
+    ``tokens[p]`` is a delimiter committed with ``confidence[p] >= delimiter_threshold`` and the
+    segment since the previous qualifying boundary (or ``lo``) has at least one mask and at least
+    ``min_prefix`` tokens.  No residual-fraction test: the masks left are what the refine lane
+    verifies.  ``tokens``, ``confidence``: 1-D over absolute positions.
+    """
+    delims = set(int(d) for d in delimiters)
+    out, start, masks = [], lo, 0
+    block, conf = tokens[lo:hi].tolist(), confidence[lo:hi].tolist()
+    for j, t in enumerate(block):
+        if t == mask_id:
+            masks += 1
+        elif t in delims and conf[j] >= delimiter_threshold and masks and lo + j + 1 - start >= min_prefix:
+            out.append(lo + j)
+            start, masks = lo + j + 1, 0
+    return out

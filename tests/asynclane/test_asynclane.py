@@ -61,7 +61,7 @@ def _run(name, bb, prompts, **opts):
     return run_counted(name, bb, prompts, 0, **opts)
 
 
-FORKY = dict(gen_length=64, block_length=16, delimiter_ids=[DELIM], max_residual_fraction=0.5)
+FORKY = dict(gen_length=64, block_length=16, delimiter_ids=[DELIM], max_residual_fraction=0.5, speculate=False)
 
 
 def _forky(bb, cache="prefix", **opts):

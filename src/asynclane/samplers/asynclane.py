@@ -156,6 +156,7 @@ class AsyncLaneConfig(SamplerConfig):
     draft_reuse: bool = True
     cascade: bool = True
     compact_refresh: bool = True
+    speculate: bool = True
     commit_first_after_refresh: Optional[bool] = None
     delimiter_ids: Optional[Sequence[int]] = None
 
@@ -218,6 +219,8 @@ class AsyncLaneSampler:
         if key not in self._delims:
             self._delims[key] = delimiter_set(backbone, cfg.delimiter_ids)
         delims = self._delims[key]
+        if cfg.draft_reuse and cfg.speculate:
+            return self._generate_speculative(backbone, prompts, rng, delims)
         dream = spec.family == "dream"
         first_only = cfg.first_after_refresh(spec.family)
         x, key_mask, P = left_pad(prompts, cfg.gen_length, spec.pad_id, spec.mask_id, device=backbone.device)
@@ -305,15 +308,8 @@ class AsyncLaneSampler:
                     conf_at[p] = conf[at[p]]
                 rec["lanes"].append(entry)
             # ----- cascading termination
-            if cfg.cascade:
-                gen_part = row[P:end]
-                hits = (torch.isin(gen_part, eos_t) & (conf_at[P:end] >= cfg.eos_threshold)).nonzero()
-                if len(hits) and P + int(hits[0]) + 1 < end:
-                    q = P + int(hits[0])
-                    rec["kills"] = tree.cascade(q)
-                    row[q + 1:] = spec.eos_id
-                    end = q + 1
-                    seeded = {p for p in seeded if p <= q}
+            end = self._cascade(row, conf_at, P, end, tree, eos_t, spec, rec)
+            seeded = {p for p in seeded if p < end}
             # ----- retire, fork, advance
             forked = False
             for l in tree.active():
@@ -338,6 +334,180 @@ class AsyncLaneSampler:
         answer = stitch(x[0].tolist(), tree, spec.eos_ids)
         return Generation(sequences=x, prompt_length=P, finished=finished, trace=trace,
                           info={"lanes": tree.to_dicts(), "stitched": answer, "iterations": it})
+
+    def _cascade(self, row, conf_at, P, end, tree, eos_t, spec, rec) -> int:
+        """Cascading termination (step 5): the answer's new end (``end`` when nothing cascades)."""
+        if not self.cfg.cascade:
+            return end
+        hits = (torch.isin(row[P:end], eos_t) & (conf_at[P:end] >= self.cfg.eos_threshold)).nonzero()
+        if len(hits) and P + int(hits[0]) + 1 < end:
+            q = P + int(hits[0])
+            rec["kills"] = tree.cascade(q)
+            row[q + 1:] = spec.eos_id
+            return q + 1
+        return end
+
+    @torch.no_grad()
+    def _generate_speculative(self, backbone, prompts, rng, delims) -> Generation:
+        """Lanes that speculate on their left neighbours' drafts (``speculate``; docstring, "Speculative drafts")."""
+        cfg, spec = self.cfg, backbone.spec
+        M = spec.mask_id
+        dream = spec.family == "dream"
+        x, key_mask, P = left_pad(prompts, cfg.gen_length, spec.pad_id, M, device=backbone.device)
+        T = x.shape[1]
+        cache = None if cfg.cache == "none" else backbone.new_cache(1, T)
+        written = torch.full((T,), -1, dtype=torch.long, device=x.device)
+        conf_at = torch.zeros(T, dtype=torch.float64, device=x.device)
+        mask_col = torch.tensor([M], device=x.device)
+        eos_t = torch.tensor(spec.eos_ids, device=x.device)
+        tree, end, it = LaneTree(P, T, cfg.block_length), T, 0
+        drafts: dict = {}  # masked position -> the view's proposal there (the latest call's)
+        trace = []
+
+        while active := tree.active():
+            row = x[0]
+            B = len(active)
+            # lane i's row: the buffer with the drafts of the lanes left of it filled in
+            fills, filled = [], row.clone()
+            for l in active:
+                fills.append(filled.clone())
+                for p in l.working:
+                    if p in drafts:
+                        filled[p] = drafts[p]
+            gen = [l for l in active if l.kind == GEN]
+            pred = sorted({p for l in active for p in l.working}
+                          | {p for g in gen for p in range(g.e, min(g.e + cfg.lookahead, end))})
+            lo, hi, write, kind = self._rows_span(cache, gen, pred, written, row, T, end, B, dream)
+            at = {p: i for i, p in enumerate(pred)}
+            ids = torch.stack([f[lo:hi] for f in fills])
+            pos = torch.arange(lo, hi, device=x.device)[None].expand(B, -1)
+            predict = torch.tensor([[p - lo for p in pred]], device=x.device).expand(B, -1)
+            km = key_mask.expand(B, -1) if hi - lo == T else None
+            # row 0 is the buffer itself (no drafts): its K/V update the cache; the other rows only read it
+            one = write and B == 1
+            if cfg.lane_batching:
+                logits = backbone.forward(ids, positions=pos, key_mask=km, cache=cache, write=one, predict=predict,
+                                          write_row=0 if write and not one else None)
+            else:  # the ablation: one call per lane, each its own row
+                logits = torch.cat([backbone.forward(ids[i:i + 1], positions=pos[i:i + 1],
+                                                     key_mask=None if km is None else km[i:i + 1], cache=cache,
+                                                     write=one, predict=predict[i:i + 1],
+                                                     write_row=0 if write and not one and i == 0 else None)
+                                    for i in range(B)])
+            if write:
+                written[lo:hi] = row[lo:hi]
+            logits = logits.index_fill(-1, mask_col, float("-inf"))
+            proposal = rules.gumbel_argmax(logits, cfg.temperature, rng)
+            conf = rules.confidence_prob(logits, proposal, torch.float64)
+            rec = {"iteration": it, "calls": 1 if cfg.lane_batching else B, "rows": B, "positions": hi - lo,
+                   "refresh": kind, "lanes": [], "forks": [], "kills": [], "accepted": [], "drafts": 0}
+
+            # ----- verify: a REF lane whose every mask holds a draft its own row (drafts of lanes left of
+            # it filled, its own masked) predicts with >= refine_threshold takes its drafts; the first that
+            # does not is the view, and so is the GEN lane when every REF lane before it passed
+            f = B  # B: every lane verified, no view
+            for i, l in enumerate(active):
+                masked = [p for p in l.working if row[p] == M]
+                if l.kind != REF or not masked or any(p not in drafts for p in masked):
+                    f = i
+                    break
+                idx = torch.tensor([at[p] for p in masked], device=x.device)
+                toks = torch.tensor([drafts[p] for p in masked], device=x.device)
+                prob = rules.confidence_prob(logits[i:i + 1, idx], toks[None], torch.float64)[0]
+                if not bool((prob >= cfg.refine_threshold).all()):
+                    f = i
+                    break
+                row[masked] = toks
+                conf_at[masked] = prob
+                l.steps += 1
+                rec["accepted"] += masked
+                rec["lanes"].append({"id": l.id, "kind": l.kind, "span": [l.s, l.e], "block": [l.lo, l.e],
+                                     "committed": masked, "accepted": True})
+            # ----- the view's lanes step on row f (their drafts masked there), the fast_dllm rule per lane
+            steps = []
+            for l in active[f:]:
+                region = list(l.working)
+                idx = torch.tensor([at[p] for p in region], device=x.device)
+                masked = (row[region[0]:region[-1] + 1] == M)[None]
+                score = rules.restrict_confidence(conf[f:f + 1, idx], masked)
+                tau = cfg.threshold if l.kind == GEN else cfg.refine_threshold
+                if l.kind == REF and l.steps + 1 >= cfg.refine_budget:
+                    tau = float("-inf")
+                commit = rules.commit_above(score, tau)
+                steps.append(({"id": l.id, "kind": l.kind, "span": [l.s, l.e], "block": [l.lo, l.e],
+                               "committed": [region[j] for j in commit[0].nonzero().flatten().tolist()]},
+                              region, score))
+                l.steps += 1
+            if not rec["accepted"] and not any(e["committed"] for e, _, _ in steps):
+                # progress: nothing accepted, nothing confident: the leftmost lane with masks commits its best
+                for entry, region, score in steps:
+                    if bool(torch.isfinite(score).any()):
+                        entry["committed"].append(region[int(score[0].argmax())])
+                        break
+            for entry, _, _ in steps:
+                for p in entry["committed"]:
+                    row[p] = proposal[f, at[p]]
+                    conf_at[p] = conf[f, at[p]]
+                rec["lanes"].append(entry)
+            end = self._cascade(row, conf_at, P, end, tree, eos_t, spec, rec)
+            # ----- drafts for the next call: the view's proposals at every mask it predicted
+            drafts = {p: int(proposal[f, at[p]]) for l in active[f:] for p in pred
+                      if p >= l.lo and p < end and row[p] == M}
+            rec["drafts"] = len(drafts)
+            # ----- retire, fork at every line that still holds masks, advance
+            for l in tree.active():
+                if l.kind == REF:
+                    if bool(row[l.lo:l.e].ne(M).all()):
+                        l.state = DONE
+                    continue
+                g = l
+                for p in rules.line_forks(row, conf_at, l.lo, min(l.e, end - 1), M, delims,
+                                          cfg.delimiter_threshold, cfg.min_prefix):
+                    if len(tree.active()) + 1 > cfg.max_lanes or p + 1 >= end:
+                        break
+                    r, c = tree.fork(g, p, end, it + 1)
+                    rec["forks"].append({"parent": g.id, "at": p, "ref": r.id, "gen": c.id})
+                    g = c
+                if g is l and bool(row[l.lo:l.e].ne(M).all()):
+                    tree.advance(l, end)
+            tree.check()
+            trace.append(rec)
+            it += 1
+
+        finished = torch.isin(x[:, P:], eos_t).any(-1)
+        answer = stitch(x[0].tolist(), tree, spec.eos_ids)
+        return Generation(sequences=x, prompt_length=P, finished=finished, trace=trace,
+                          info={"lanes": tree.to_dicts(), "stitched": answer, "iterations": it})
+
+    def _rows_span(self, cache, gen, pred, written, row, T, end, B, dream):
+        """Speculative calls: every row covers ``[lo, hi)``; (lo, hi, write, refresh kind).
+
+        Rows differ (each fills different drafts); row 0, the leftmost lane's, is the buffer
+        itself, and only its K/V are written (``write_row``; a one-row call writes as the one-row
+        path does).  ``write`` is False only without a cache.  ``lo``: the first
+        predicted position, or the first stale slot below it (compact refresh), or 0 (a full
+        refresh: ``compact_refresh`` off, or ``refresh_every``); Dream rows start one earlier (a
+        row's first position has no left neighbour).  ``hi``: the buffer's end, or the answer's
+        end once the EOS tail is written (compact).
+        """
+        cfg = self.cfg
+        if cache is None:
+            return 0, T, False, None
+        every = cfg.refresh_every
+        want_full = any((g.steps == 0 and not cfg.compact_refresh) if every is None else g.steps % every == 0
+                        for g in gen)
+        stale = (written != row).nonzero().flatten().tolist()
+        lo, kind = pred[0], None
+        if want_full:
+            lo, kind = 0, "full"
+        elif stale and stale[0] < lo:
+            lo, kind = (stale[0], "compact") if cfg.compact_refresh else (0, "full")
+        if dream and lo > 0:
+            lo -= 1
+        hi = T
+        if cfg.compact_refresh and end < T and (not stale or stale[-1] < end):
+            hi = end
+        return lo, hi, True, kind
 
     def _plan(self, cache, want_full, need, stale, T, end):
         """The call's positions, whether it writes K/V, and its refresh kind (None / compact / full).

@@ -1,0 +1,122 @@
+"""How many model calls does an answer need at least?  An oracle-guided decoder on the tiny model.
+
+A sampler that commits the model's argmax can be right only where the argmax already is the
+reference token.  This script decodes each problem with an *oracle* that, after every model
+call, commits every masked answer position whose argmax (mask id excluded) equals the reference
+(the gold answer's tokens, then the first EOS), and, when no position qualifies, the leftmost
+masked one with its reference token (so every call makes progress).  The EOS tail after the
+answer is free (a cascade fills it).  Each call is an exact full-buffer forward.
+
+What it measures: the greedy floor of model calls per answer, and so the most generated tokens
+per call, that argmax decoding can reach on this model, with no confidence rule at all.  It is
+greedy (commit everything right now), not a proof of optimality, and it reads the gold answer:
+a diagnostic, not a sampler.  Compared with a benchmark run's tokens/call (``--benchmark``), it
+bounds what any sampler could gain there (issue 6's "3x the tokens per call of the best
+competitor").
+
+    python scripts/oracle_floor.py --limit 50 --benchmark results/benchmark/runs
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from asynclane.loading import load_backbone
+from asynclane.tiny_tokenizer import chat_prompt_ids
+from eval.tasks import synthetic
+
+TASKS = ("arith", "listops")
+
+
+@torch.no_grad()
+def oracle_calls(backbone, prompt: list, reference: list, gen_length: int) -> tuple[int, int]:
+    """(model calls, teacher-forced commits) to decode ``reference`` (answer + EOS) at ``gen_length``."""
+    spec = backbone.spec
+    if len(reference) > gen_length:
+        raise ValueError(f"reference answer of {len(reference)} tokens does not fit gen_length={gen_length}")
+    P = len(prompt)
+    x = torch.tensor([prompt + [spec.mask_id] * gen_length], device=backbone.device)
+    target = torch.tensor(reference, device=backbone.device)
+    span = slice(P, P + len(reference))
+    calls = forced = 0
+    while (x[0, span] == spec.mask_id).any():
+        logits = backbone.forward(x)[0, span]
+        logits[:, spec.mask_id] = float("-inf")
+        masked = x[0, span] == spec.mask_id
+        right = masked & (logits.argmax(-1) == target)
+        calls += 1
+        if not right.any():  # progress: the leftmost mask gets its reference token
+            right[int(masked.nonzero()[0])] = True
+            forced += 1
+        x[0, span] = torch.where(right, target, x[0, span])
+    return calls, forced
+
+
+def benchmark_tokens_per_call(runs: Path, task: str, gen_length: int) -> dict:
+    """{sampler: tokens per call} from a benchmark's run directories (default presets only)."""
+    out = {}
+    for summary in sorted((runs / task).glob(f"tiny-*-L{gen_length}/summary.json")):
+        name = summary.parent.name[len("tiny-"):-len(f"-L{gen_length}")]
+        if "-" in name:  # ablations and threshold variants: not a competitor's preset
+            continue
+        data = json.loads(summary.read_text())
+        out[name] = data.get("tokens_per_nfe")
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    ap.add_argument("--lengths", nargs="+", type=int, default=[64, 128, 256])
+    ap.add_argument("--limit", type=int, default=50, help="first N held-out problems per task")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--benchmark", type=Path, default=None,
+                    help="a benchmark's runs directory (scripts/benchmark.py) to compare tokens/call with")
+    ap.add_argument("--target", default="asynclane", help="the sampler whose room is reported")
+    args = ap.parse_args(argv)
+    if args.limit < 1:
+        ap.error(f"--limit must be >= 1, got {args.limit}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bb = load_backbone()
+    tok, eos = bb.tokenizer, bb.spec.eos_id
+    t0 = time.perf_counter()
+    print("| task | L | problems | oracle calls/answer (mean, min-max) | teacher-forced commits/answer | "
+          "oracle tokens/call | best competitor tokens/call | 3x that | oracle / best | "
+          f"{args.target} tokens/call |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for task in args.tasks:
+        problems = synthetic.test_problems(task)[:args.limit]
+        for L in args.lengths:
+            calls, forced, tokens = [], [], 0
+            for prob in problems:
+                ref = tok(prob.answer, add_special_tokens=False)["input_ids"] + [eos]
+                c, f = oracle_calls(bb, chat_prompt_ids(tok, prob.prompt), ref, L)
+                calls.append(c)
+                forced.append(f)
+                tokens += len(ref)
+            per_call = tokens / sum(calls)
+            best = mine = None
+            if args.benchmark:
+                tpc = benchmark_tokens_per_call(args.benchmark, task, L)
+                mine = tpc.pop(args.target, None)
+                if tpc:
+                    best = max(tpc.items(), key=lambda kv: kv[1])
+            cells = [task, str(L), str(len(problems)),
+                     f"{statistics.mean(calls):.2f} ({min(calls)}-{max(calls)})", f"{statistics.mean(forced):.2f}",
+                     f"{per_call:.2f}",
+                     f"{best[1]:.2f} ({best[0]})" if best else "-", f"{3 * best[1]:.2f}" if best else "-",
+                     f"{per_call / best[1]:.2f}x" if best else "-", f"{mine:.2f}" if mine else "-"]
+            print("| " + " | ".join(cells) + " |", flush=True)
+    print(f"\n{time.perf_counter() - t0:.0f}s; command: python scripts/oracle_floor.py {' '.join(sys.argv[1:])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
