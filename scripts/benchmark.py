@@ -18,7 +18,7 @@ applied to every run alike).  Runs:
 - main: every ``--samplers`` entry x task x length;
 - threshold sweep (issue 5): fast_dllm with ``sampler.threshold`` = each ``--threshold-sweep`` value;
 - ablations (issue 6): asynclane with each mechanism (lane_batching, draft_reuse, cascade,
-  compact_refresh) switched off in turn.
+  compact_refresh) and speculation (speculate: the one-row path) switched off in turn.
 
 A variant equal to a main run (fast_dllm at its default threshold, asynclane with everything on)
 is that run, not a second one.  Tables (stdout and ``<out>/benchmark.md``, the command line on
@@ -43,7 +43,7 @@ from typing import Optional, Sequence
 
 TARGET = "asynclane"
 PREFERRED_ORDER = ["blockwise", "dream", "fast_dllm", "dparallel", "d3llm", "asynclane"]
-ABLATION_SWITCHES = ("lane_batching", "draft_reuse", "cascade", "compact_refresh")
+ABLATION_SWITCHES = ("lane_batching", "draft_reuse", "cascade", "compact_refresh", "speculate")
 DEFAULT_THRESHOLDS = "0.5,0.7,0.9,0.95"
 
 # (key, column label, higher is better)

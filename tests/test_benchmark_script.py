@@ -111,8 +111,8 @@ def test_plan_shares_equal_configurations(bench):
     plan = bench.make_plan(["blockwise", "fast_dllm", "asynclane"], ["arith", "listops"], [64, 128],
                            [0.5, 0.9], ablations=True)
     runs = plan.runs()
-    # per task x length: 3 main + 1 new threshold (0.9 is fast_dllm's default) + 4 ablations (full = main)
-    assert len(runs) == 2 * 2 * (3 + 1 + 4)
+    # per task x length: 3 main + 1 new threshold (0.9 is fast_dllm's default) + 5 ablations (full = main)
+    assert len(runs) == 2 * 2 * (3 + 1 + 5)
     assert plan.thresholds[("arith", 64, 0.9)] == bench.Run("fast_dllm", "arith", 64)
     assert plan.ablations[("listops", 128, "full")] == bench.Run("asynclane", "listops", 128)
     assert plan.ablations[("arith", 64, "cascade")].options == (("cascade", False),)

@@ -434,6 +434,30 @@ def test_shared_prefix_cannot_be_written_by_a_batch(family):
         bb.forward(rand_ids(bb, 3, 4, seed=2), ar(8, 12, 3), cache=cache, write=True)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_write_row_stores_one_rows_kv_after_a_read_only_batch(family):
+    """A B-row read-only call with ``write_row=r``: every row's logits are those of the same read-only
+    call alone (it read the cache as it was), and the cache then holds what a one-row write call of
+    row r stores (AsyncLane's speculative lanes: rows differ, the buffer's own row updates the cache)."""
+    bb, _ = pair(family)
+    prefix, rows = rand_ids(bb, 1, 8, seed=1), rand_ids(bb, 3, 6, seed=2)
+    a, b = bb.new_cache(1, 16), bb.new_cache(1, 16)
+    for c in (a, b):
+        bb.forward(prefix, cache=c, write=True)
+    got = bb.forward(rows, ar(8, 14, 3), cache=a, write_row=1)
+    for i in range(3):
+        alone = bb.forward(rows[i:i + 1], ar(8, 14), cache=b)
+        assert rel_err(got[i:i + 1], alone) < TOL
+    bb.forward(rows[1:2], ar(8, 14), cache=b, write=True)
+    assert torch.equal(a.filled, b.filled)
+    for layer in range(len(a.k)):
+        assert rel_err(a.k[layer], b.k[layer]) < TOL and rel_err(a.v[layer], b.v[layer]) < TOL
+    with pytest.raises(ValueError, match="write_row"):
+        bb.forward(rows, ar(8, 14, 3), cache=a, write=True, write_row=0)
+    with pytest.raises(ValueError, match="write_row"):
+        bb.forward(rows, ar(8, 14, 3), write_row=0)
+
+
 def test_positions_outside_the_cache_raise():
     bb, _ = pair("llada")
     cache = bb.new_cache(1, 8)

@@ -10,7 +10,11 @@ dependencies and stitching order; every step runs the active lanes; four cost me
 refresh with refresh-logit reuse); training-free drop-in for block samplers.  **Everything
 else below is our reconstruction (ours)**, following research/asynclane.md §3 and §7.
 
-Algorithm (batch 1; one sequence, one lane tree, :mod:`asynclane.lanes`):
+Two decoding paths share the lane tree, the rules and the four switches.  The default is the
+*speculative* path (``speculate=True`` with ``draft_reuse=True``, below); steps 1-9 are the
+one-row path it grew from (``speculate=False``, or ``draft_reuse=False``).
+
+Algorithm, one-row path (batch 1; one sequence, one lane tree, :mod:`asynclane.lanes`):
 
 1. Buffer = prompt + ``gen_length`` masks.  The root GEN lane owns the first block
    ``[P, P + block_length)``.
@@ -72,6 +76,49 @@ Algorithm (batch 1; one sequence, one lane tree, :mod:`asynclane.lanes`):
 
 NFE: one call per iteration with ``lane_batching``; one per active lane without it.
 
+Speculative lanes (``speculate``, the default; ours).  Why: on the embedded model the one-row
+path's refine lanes settle one or two dependent results per call (arith: each line's result
+needs the line above), and its draft guard cannot tell a wrong draft from a right one: a model
+trained on masked positions only copies an unmasked input (a wrong result token placed in the
+buffer gets probability 0.9997 at its own position).  Checking a draft needs the draft *masked*
+in the row that checks it, with its left context filled in.  So lanes become rows:
+
+S1. Each iteration is ONE call with one row per ACTIVE lane, in position order (mechanism 1:
+    the rows share the cached prompt/settled prefix by broadcast, no copies).  Lane i's row is
+    the buffer with the *drafts* (the previous view's proposals at masked positions, mechanism
+    2: lookahead predictions reused as context at no extra call) of the lanes left of it filled
+    in; its own masks and everything to its right stay as they are.
+S2. Verify, left to right: a REF lane every mask of which holds a draft that its own row
+    predicts with probability >= ``refine_threshold`` takes its drafts (committed; the lane is
+    DONE).  The first lane that does not, or the first GEN lane, is the *view*.
+S3. The view's row is the buffer with only *verified* drafts filled in, so its proposals are
+    ordinary predictions: the view lane and every lane right of it take one step of the
+    one-row rules on it (``threshold`` / ``refine_threshold`` / ``refine_budget``; Dream's
+    first-token rule).  Progress: when nothing was verified and nothing passed a threshold,
+    the leftmost lane with masks commits its best position.  Rows right of the view are
+    discarded (they were conditioned on a draft that failed).
+S4. New drafts: the view's proposals at every mask it predicted (working blocks + lookahead).
+S5. Cascade (mechanism 3) as step 5.  Fork at *every* committed delimiter of a GEN block whose
+    line (since the previous fork) still holds a mask and has >= ``min_prefix`` tokens
+    (:func:`asynclane.rules.line_forks`), while ``max_lanes`` allows: each such line becomes its
+    own REF lane, so a line's drafts are verified on their own, given the drafts of the lines
+    above; no residual-fraction test (the masks are what the REF lane verifies).  Advance as
+    step 7; no seeding (a new block's lookahead predictions are already its drafts).
+S6. Cache (mechanism 4): every row covers the same contiguous range, from the first predicted
+    position (or the first stale slot below it: compact refresh; or 0: a full refresh, with
+    ``compact_refresh`` off or ``refresh_every``) to the buffer's end (the answer's end once
+    the EOS tail is written).  Row 0 (the leftmost lane's) is the buffer itself: its K/V are
+    written into the cache (``write_row``) while the other rows only read it.  ``dual`` behaves
+    as ``prefix`` here (rows differ to the right, so their right context cannot come from one
+    cache).  The call's logits are the step's logits (refresh-logit reuse).
+
+Measured (embedded model, first 50 held-out problems, L=256, ``python scripts/benchmark.py``):
+arith 4.4 -> 2.6 calls per answer at 96% -> 98% exact; listops 2.0 -> 1.8 at 96%.  Cost: the
+rows multiply the tokens per call (arith L=256: 18 -> 38 token-forwards per generated token).
+With ``max_lanes=1`` nothing forks, one row is left, and the path is the one-row path without
+seeding (test: same tokens and NFE with ``cache=none``).  ``lane_batching=False``: one call per
+row, same outputs.
+
 Hyperparameters (all [U] for the paper; defaults ours, asynclane.md §4):
 
 =========================  =======  ===============================================================
@@ -80,13 +127,15 @@ key                        default  meaning; justification
 gen_length                 128      answer budget (top-level override)
 block_length               32       GEN block; Fast-dLLM / AdaBlock convention [C]
 threshold                  0.9      GEN commit confidence (fast_dllm's); Fast-dLLM default [P, C]
-refine_threshold           0.9      REF commit confidence; same rule as GEN until evidence differs
+refine_threshold           0.9      REF commit confidence, and the probability a draft needs to be
+                                    verified (S2); same rule as GEN until evidence differs
 delimiter_threshold        0.3      commit confidence a delimiter needs; AdaBlock's LLaDA value [C]
-draft_threshold            0.9      lookahead confidence to seed a token; = threshold, so a seed is
+draft_threshold            0.9      (one-row path) lookahead confidence to seed a token; = threshold, so a seed is
                                     as sure as a normal commit
-max_residual_fraction      0.25     "mostly settled": at most 1/4 of the prefix still masked
+max_residual_fraction      0.25     (one-row path) "mostly settled": at most 1/4 of the prefix still masked
 min_prefix                 4        no fork for tiny prefixes (limits lane explosion)
-max_lanes                  4        active-lane cap; 1 disables forking (= fast_dllm)
+max_lanes                  4        active-lane cap (speculative: rows per call); 1 disables forking
+                                    (= fast_dllm); 8 or 16 measured the same calls on the tiny model
 refine_budget              8        REF steps before argmax-fill: bounds a stalled prefix
 lookahead                  32       predicted positions past a GEN block (one block of drafts)
 refresh_every              null     null: refresh at GEN block starts (fast_dllm); k: every k steps
@@ -96,6 +145,8 @@ lane_batching              true     mechanism 1 (off: one call per lane, same in
 draft_reuse                true     mechanism 2
 cascade                    true     mechanism 3 (off: decode the whole budget, as fast_dllm)
 compact_refresh            true     mechanism 4 (off: fast_dllm's full refreshes)
+speculate                  true     lanes speculate on the drafts of the lanes left of them (S1-S6;
+                                    needs draft_reuse); false: the one-row path
 commit_first_after_refresh null     null = auto: Dream + cache + compact off (fast_dllm step 6)
 delimiter_ids              null     explicit delimiter ids; null: derived from backbone.tokenizer
                                     (no tokenizer, no ids: forks never happen)
@@ -353,6 +404,7 @@ class AsyncLaneSampler:
         cfg, spec = self.cfg, backbone.spec
         M = spec.mask_id
         dream = spec.family == "dream"
+        first_only = cfg.first_after_refresh(spec.family)
         x, key_mask, P = left_pad(prompts, cfg.gen_length, spec.pad_id, M, device=backbone.device)
         T = x.shape[1]
         cache = None if cfg.cache == "none" else backbone.new_cache(1, T)
@@ -434,6 +486,9 @@ class AsyncLaneSampler:
                 if l.kind == REF and l.steps + 1 >= cfg.refine_budget:
                     tau = float("-inf")
                 commit = rules.commit_above(score, tau)
+                if l.kind == GEN and l.steps == 0 and first_only and kind == "full":
+                    commit = torch.zeros_like(masked)
+                    commit[:, 0] = masked[:, 0]
                 steps.append(({"id": l.id, "kind": l.kind, "span": [l.s, l.e], "block": [l.lo, l.e],
                                "committed": [region[j] for j in commit[0].nonzero().flatten().tolist()]},
                               region, score))
