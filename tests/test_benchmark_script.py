@@ -135,8 +135,8 @@ def test_dry_run_lists_the_expected_runs(bench, capsys, tmp_path):
                      "--limit", "5", "--threshold-sweep", "0.5", "--out", str(tmp_path)])
     assert rc == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("python -m eval")]
-    # per length: blockwise, asynclane, fast_dllm@0.5, asynclane x 4 switches off
-    assert len(lines) == 2 * 7
+    # per length: blockwise, asynclane, fast_dllm@0.5, asynclane x 5 switches off
+    assert len(lines) == 2 * 8
     assert lines[0] == (f"python -m eval model=tiny sampler=blockwise task=arith gen_length=64 limit=5 seed=0 "
                         f"hydra.run.dir={tmp_path}/runs/arith/tiny-blockwise-L64")
     assert any("sampler=fast_dllm" in ln and "sampler.threshold=0.5" in ln and "gen_length=128" in ln for ln in lines)
@@ -162,8 +162,9 @@ def test_tiny_real_invocation_writes_benchmark_md(tmp_path):
         assert f"| arith | 32 | {s} |" in md
     assert "## asynclane against the best competitor" in md and "fastest competitor is" in md
     assert "| arith | 32 | compact_refresh off |" in md and "| arith | 32 | 0.95 |" in md
+    assert "| arith | 32 | speculate off |" in md
     assert (out / "report" / "table.md").exists() and (out / "report" / "grouped.csv").exists()
-    assert len(list((out / "runs" / "arith").glob("*/summary.json"))) == 10
+    assert len(list((out / "runs" / "arith").glob("*/summary.json"))) == 11
     assert md.strip() in res.stdout
 
 
