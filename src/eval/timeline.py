@@ -52,9 +52,10 @@ def plot_lane_timeline(trace: list, out_png: Path, title: str = "", prompt_lengt
             lo, hi = (b - prompt_length for b in lane["block"])
             ax.bar(it, hi - lo, bottom=lo, width=0.9, color=color, alpha=0.25,
                    hatch="//" if lane["kind"] == "REF" else None, edgecolor=color, linewidth=0)
-            if lane["committed"]:
+            if lane["committed"]:  # hollow: drafts a refine lane's row verified (speculative lanes)
                 ax.scatter([it] * len(lane["committed"]), [p - prompt_length for p in lane["committed"]],
-                           s=9, color=color, zorder=3)
+                           s=28 if lane.get("accepted") else 9, zorder=3,
+                           facecolors="none" if lane.get("accepted") else color, edgecolors=color)
             kinds_seen.setdefault(lane["id"], (lane["kind"], color))
         for f in rec.get("forks", []):
             ax.scatter([it], [f["at"] - prompt_length], marker="*", s=120, color="black", zorder=4)
@@ -66,6 +67,9 @@ def plot_lane_timeline(trace: list, out_png: Path, title: str = "", prompt_lengt
     handles += [plt.Line2D([], [], marker="*", color="black", linestyle="", markersize=10),
                 plt.Line2D([], [], color="crimson", linestyle=":")]
     labels += ["fork (delimiter)", "cascade kill"]
+    if any(lane.get("accepted") for rec in trace for lane in rec.get("lanes", [])):
+        handles.append(plt.Line2D([], [], marker="o", color="gray", markerfacecolor="none", linestyle=""))
+        labels.append("draft verified")
     ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     ax.set_xlabel("iteration (one model call each with lane batching)")
     ax.set_ylabel("answer position (tokens after the prompt)")
