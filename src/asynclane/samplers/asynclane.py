@@ -380,11 +380,15 @@ class AsyncLaneSampler:
             tree.check()
             trace.append(rec)
             it += 1
+        return self._finish(x, P, tree, trace, eos_t, spec)
 
+    @staticmethod
+    def _finish(x, P, tree, trace, eos_t, spec) -> Generation:
+        """The Generation: the buffer, the trace, the final tree and the answer stitched from it."""
         finished = torch.isin(x[:, P:], eos_t).any(-1)
         answer = stitch(x[0].tolist(), tree, spec.eos_ids)
         return Generation(sequences=x, prompt_length=P, finished=finished, trace=trace,
-                          info={"lanes": tree.to_dicts(), "stitched": answer, "iterations": it})
+                          info={"lanes": tree.to_dicts(), "stitched": answer, "iterations": len(trace)})
 
     def _cascade(self, row, conf_at, P, end, tree, eos_t, spec, rec) -> int:
         """Cascading termination (step 5): the answer's new end (``end`` when nothing cascades)."""
@@ -528,11 +532,7 @@ class AsyncLaneSampler:
             tree.check()
             trace.append(rec)
             it += 1
-
-        finished = torch.isin(x[:, P:], eos_t).any(-1)
-        answer = stitch(x[0].tolist(), tree, spec.eos_ids)
-        return Generation(sequences=x, prompt_length=P, finished=finished, trace=trace,
-                          info={"lanes": tree.to_dicts(), "stitched": answer, "iterations": it})
+        return self._finish(x, P, tree, trace, eos_t, spec)
 
     def _rows_span(self, cache, gen, pred, written, row, T, end, B, dream):
         """Speculative calls: every row covers ``[lo, hi)``; (lo, hi, write, refresh kind).
