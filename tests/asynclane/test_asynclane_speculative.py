@@ -152,3 +152,14 @@ def test_compact_refresh_reads_the_cache_where_a_full_refresh_recomputes(backbon
     assert "full" in {r["refresh"] for r in off.trace}
     assert "full" not in {r["refresh"] for r in on.trace}
     assert c_on.token_forwards < c_off.token_forwards
+
+
+def test_temperature_sampling_is_seeded_on_every_row(backbone):
+    prompts = random_prompts(backbone, lengths=(7,), seed=3)  # a random backbone: sampling matters
+
+    def sample(**opts):
+        return _run("asynclane", _Delim(backbone), prompts, **SPEC, **opts)[0]
+    a, b, greedy = sample(temperature=1.0), sample(temperature=1.0), sample()
+    assert torch.equal(a.sequences, b.sequences)
+    assert max(r["rows"] for r in a.trace) >= 2  # several rows drew their own noise
+    assert not torch.equal(a.sequences, greedy.sequences)
