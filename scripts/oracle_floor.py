@@ -14,7 +14,7 @@ a diagnostic, not a sampler.  Compared with a benchmark run's tokens/call (``--b
 bounds what any sampler could gain there (issue 6's "3x the tokens per call of the best
 competitor").
 
-    python scripts/oracle_floor.py --limit 50 --benchmark results/benchmark/runs
+    python scripts/oracle_floor.py --limit 50 --benchmark results/benchmark
 """
 from __future__ import annotations
 
@@ -28,10 +28,13 @@ from pathlib import Path
 import torch
 
 from asynclane.loading import load_backbone
+from asynclane.testing import import_file
 from asynclane.tiny_tokenizer import chat_prompt_ids
+from eval.rows import SUMMARY
 from eval.tasks import synthetic
 
 TASKS = ("arith", "listops")
+BENCH = import_file("_oracle_floor_benchmark", Path(__file__).with_name("benchmark.py"))  # its run layout
 
 
 @torch.no_grad()
@@ -58,16 +61,15 @@ def oracle_calls(backbone, prompt: list, reference: list, gen_length: int) -> tu
     return calls, forced
 
 
-def benchmark_tokens_per_call(runs: Path, task: str, gen_length: int) -> dict:
-    """{sampler: tokens per call} from a benchmark's run directories (default presets only)."""
-    out = {}
-    for summary in sorted((runs / task).glob(f"tiny-*-L{gen_length}/summary.json")):
-        name = summary.parent.name[len("tiny-"):-len(f"-L{gen_length}")]
-        if "-" in name:  # ablations and threshold variants: not a competitor's preset
-            continue
-        data = json.loads(summary.read_text())
-        out[name] = data.get("tokens_per_nfe")
-    return out
+def benchmark_tokens_per_call(out: Path, task: str, gen_length: int) -> dict:
+    """{sampler: tokens per call} of every registered sampler's preset run in a benchmark's output
+    directory ``out`` (scripts/benchmark.py's layout; samplers without a run are left out)."""
+    found = {}
+    for name in BENCH.registered_samplers():
+        summary = BENCH.Run(name, task, gen_length).run_dir(out, "tiny") / SUMMARY
+        if summary.exists():
+            found[name] = json.loads(summary.read_text()).get("tokens_per_nfe")
+    return found
 
 
 def main(argv=None) -> int:
@@ -77,8 +79,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=50, help="first N held-out problems per task")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--benchmark", type=Path, default=None,
-                    help="a benchmark's runs directory (scripts/benchmark.py) to compare tokens/call with")
-    ap.add_argument("--target", default="asynclane", help="the sampler whose room is reported")
+                    help="a benchmark's output directory (scripts/benchmark.py --out) to compare tokens/call with")
+    ap.add_argument("--target", default=BENCH.TARGET, help="the sampler whose room is reported")
     args = ap.parse_args(argv)
     if args.limit < 1:
         ap.error(f"--limit must be >= 1, got {args.limit}")

@@ -274,23 +274,15 @@ class AsyncLaneSampler:
             return self._generate_speculative(backbone, prompts, rng, delims)
         dream = spec.family == "dream"
         first_only = cfg.first_after_refresh(spec.family)
-        x, key_mask, P = left_pad(prompts, cfg.gen_length, spec.pad_id, spec.mask_id, device=backbone.device)
-        T = x.shape[1]
-        cache = None if cfg.cache == "none" else backbone.new_cache(1, T)
-        written = torch.full((T,), -1, dtype=torch.long, device=x.device)  # token whose K/V is in the slot
-        conf_at = torch.zeros(T, dtype=torch.float64, device=x.device)  # confidence each token was committed with
-        mask_col = torch.tensor([spec.mask_id], device=x.device)
-        eos_t = torch.tensor(spec.eos_ids, device=x.device)
-        tree, end, it = LaneTree(P, T, cfg.block_length), T, 0
+        x, key_mask, P, T, cache, written, conf_at, mask_col, eos_t, tree = self._start(backbone, prompts)
+        end, it = T, 0
         seeded: set = set()  # positions committed from drafts, not yet re-verified
         trace = []
 
         while active := tree.active():
             row = x[0]
             gen = [l for l in active if l.kind == GEN]
-            every = cfg.refresh_every
-            want_full = cache is not None and any(
-                (l.steps == 0 and not cfg.compact_refresh) if every is None else l.steps % every == 0 for l in gen)
+            want_full = cache is not None and self._wants_full(gen)
             pred = {p for l in active for p in l.working}  # rows whose logits the step reads
             if cfg.draft_reuse:
                 pred |= {p for g in gen for p in range(g.e, min(g.e + cfg.lookahead, end))}
@@ -332,20 +324,12 @@ class AsyncLaneSampler:
                 if bool(torch.isnan(conf[idx][masked[0]]).any()):  # a Dream row without its p - 1
                     raise RuntimeError(f"lane {l.id}: NaN logits for masked positions of {region[0]}..{region[-1]} "
                                        f"(call positions {cols[0]}..{cols[-1]}, cache={cfg.cache})")
-                if l.kind == GEN and l.steps == 0 and first_only and kind == "full":
-                    commit = torch.zeros_like(masked)
-                    commit[:, 0] = masked[:, 0]
-                else:
-                    score = rules.restrict_confidence(conf[idx][None], masked)
-                    tau = cfg.threshold if l.kind == GEN else cfg.refine_threshold
-                    if l.kind == REF and l.steps + 1 >= cfg.refine_budget:
-                        tau = float("-inf")
-                    commit = rules.commit_above(score, tau)
-                    if bool(masked.any()) and forced is None:  # the leftmost lane with masks
-                        forced = (len(steps), region[int(score[0].argmax())])
-                entry = {"id": l.id, "kind": l.kind, "span": [l.s, l.e], "block": [l.lo, l.e],
-                         "committed": [region[j] for j in commit[0].nonzero().flatten().tolist()]}
-                steps.append(entry)
+                first = l.kind == GEN and l.steps == 0 and first_only and kind == "full"
+                score = rules.restrict_confidence(conf[idx][None], masked)
+                commit = self._lane_commit(l, score, masked, first)
+                if not first and bool(masked.any()) and forced is None:  # the leftmost lane with masks
+                    forced = (len(steps), region[int(score[0].argmax())])
+                steps.append(self._entry(l, [region[j] for j in commit[0].nonzero().flatten().tolist()]))
                 l.steps += 1
             if forced is not None and not steps[forced[0]]["committed"]:
                 # progress: the leftmost lane with masks (everything right of it is conditioned on
@@ -382,6 +366,46 @@ class AsyncLaneSampler:
             it += 1
         return self._finish(x, P, tree, trace, eos_t, spec)
 
+    def _start(self, backbone, prompts) -> tuple:
+        """Both paths' set-up: buffer, key mask, prompt length P, length T, cache (None without one),
+        ``written`` (the token whose K/V is in each slot, -1: none), ``conf_at`` (the confidence each
+        token was committed with), the mask id and EOS ids as tensors, and the lane tree."""
+        cfg, spec = self.cfg, backbone.spec
+        x, key_mask, P = left_pad(prompts, cfg.gen_length, spec.pad_id, spec.mask_id, device=backbone.device)
+        T = x.shape[1]
+        cache = None if cfg.cache == "none" else backbone.new_cache(1, T)
+        written = torch.full((T,), -1, dtype=torch.long, device=x.device)
+        conf_at = torch.zeros(T, dtype=torch.float64, device=x.device)
+        return (x, key_mask, P, T, cache, written, conf_at, torch.tensor([spec.mask_id], device=x.device),
+                torch.tensor(spec.eos_ids, device=x.device), LaneTree(P, T, cfg.block_length))
+
+    def _wants_full(self, gen) -> bool:
+        """A full refresh this call (with a cache): fast_dllm's block-start rule when compact refresh is
+        off, or ``refresh_every``."""
+        every = self.cfg.refresh_every
+        return any((g.steps == 0 and not self.cfg.compact_refresh) if every is None else g.steps % every == 0
+                   for g in gen)
+
+    def _lane_commit(self, l, score, masked, first_token_only: bool) -> torch.Tensor:
+        """(1, n) positions lane ``l`` commits on ``score``: the threshold of its kind (REF: every mask
+        once ``refine_budget`` is spent), or only its block's first position (``first_token_only``:
+        Dream + cache + compact off at a full refresh, fast_dllm step 6)."""
+        cfg = self.cfg
+        if first_token_only:
+            commit = torch.zeros_like(masked)
+            commit[:, 0] = masked[:, 0]
+            return commit
+        tau = cfg.threshold if l.kind == GEN else cfg.refine_threshold
+        if l.kind == REF and l.steps + 1 >= cfg.refine_budget:
+            tau = float("-inf")
+        return rules.commit_above(score, tau)
+
+    @staticmethod
+    def _entry(l, committed: list, **extra) -> dict:
+        """A lane's trace record for one iteration."""
+        return {"id": l.id, "kind": l.kind, "span": [l.s, l.e], "block": [l.lo, l.e], "committed": committed,
+                **extra}
+
     @staticmethod
     def _finish(x, P, tree, trace, eos_t, spec) -> Generation:
         """The Generation: the buffer, the trace, the final tree and the answer stitched from it."""
@@ -409,14 +433,8 @@ class AsyncLaneSampler:
         M = spec.mask_id
         dream = spec.family == "dream"
         first_only = cfg.first_after_refresh(spec.family)
-        x, key_mask, P = left_pad(prompts, cfg.gen_length, spec.pad_id, M, device=backbone.device)
-        T = x.shape[1]
-        cache = None if cfg.cache == "none" else backbone.new_cache(1, T)
-        written = torch.full((T,), -1, dtype=torch.long, device=x.device)
-        conf_at = torch.zeros(T, dtype=torch.float64, device=x.device)
-        mask_col = torch.tensor([M], device=x.device)
-        eos_t = torch.tensor(spec.eos_ids, device=x.device)
-        tree, end, it = LaneTree(P, T, cfg.block_length), T, 0
+        x, key_mask, P, T, cache, written, conf_at, mask_col, eos_t, tree = self._start(backbone, prompts)
+        end, it = T, 0
         drafts: dict = {}  # masked position -> the view's proposal there (the latest call's)
         trace = []
 
@@ -433,7 +451,8 @@ class AsyncLaneSampler:
             gen = [l for l in active if l.kind == GEN]
             pred = sorted({p for l in active for p in l.working}
                           | {p for g in gen for p in range(g.e, min(g.e + cfg.lookahead, end))})
-            lo, hi, write, kind = self._rows_span(cache, gen, pred, written, row, T, end, B, dream)
+            lo, hi, kind = self._rows_span(cache, gen, pred, written, row, T, end, dream)
+            write = cache is not None  # row 0's K/V (the buffer's own) are written
             at = {p: i for i, p in enumerate(pred)}
             ids = torch.stack([f[lo:hi] for f in fills])
             pos = torch.arange(lo, hi, device=x.device)[None].expand(B, -1)
@@ -477,8 +496,7 @@ class AsyncLaneSampler:
                 conf_at[masked] = prob
                 l.steps += 1
                 rec["accepted"] += masked
-                rec["lanes"].append({"id": l.id, "kind": l.kind, "span": [l.s, l.e], "block": [l.lo, l.e],
-                                     "committed": masked, "accepted": True})
+                rec["lanes"].append(self._entry(l, masked, accepted=True))
             # ----- the view's lanes step on row f (their drafts masked there), the fast_dllm rule per lane
             steps = []
             for l in active[f:]:
@@ -486,15 +504,9 @@ class AsyncLaneSampler:
                 idx = torch.tensor([at[p] for p in region], device=x.device)
                 masked = (row[region[0]:region[-1] + 1] == M)[None]
                 score = rules.restrict_confidence(conf[f:f + 1, idx], masked)
-                tau = cfg.threshold if l.kind == GEN else cfg.refine_threshold
-                if l.kind == REF and l.steps + 1 >= cfg.refine_budget:
-                    tau = float("-inf")
-                commit = rules.commit_above(score, tau)
-                if l.kind == GEN and l.steps == 0 and first_only and kind == "full":
-                    commit = torch.zeros_like(masked)
-                    commit[:, 0] = masked[:, 0]
-                steps.append(({"id": l.id, "kind": l.kind, "span": [l.s, l.e], "block": [l.lo, l.e],
-                               "committed": [region[j] for j in commit[0].nonzero().flatten().tolist()]},
+                commit = self._lane_commit(l, score, masked, l.kind == GEN and l.steps == 0 and first_only
+                                           and kind == "full")
+                steps.append((self._entry(l, [region[j] for j in commit[0].nonzero().flatten().tolist()]),
                               region, score))
                 l.steps += 1
             if not rec["accepted"] and not any(e["committed"] for e, _, _ in steps):
@@ -510,8 +522,8 @@ class AsyncLaneSampler:
                 rec["lanes"].append(entry)
             end = self._cascade(row, conf_at, P, end, tree, eos_t, spec, rec)
             # ----- drafts for the next call: the view's proposals at every mask it predicted
-            drafts = {p: int(proposal[f, at[p]]) for l in active[f:] for p in pred
-                      if p >= l.lo and p < end and row[p] == M}
+            view_lo = active[f].lo if f < B else end  # lanes are in position order
+            drafts = {p: int(proposal[f, at[p]]) for p in pred if view_lo <= p < end and row[p] == M}
             rec["drafts"] = len(drafts)
             # ----- retire, fork at every line that still holds masks, advance
             for l in tree.active():
@@ -534,12 +546,12 @@ class AsyncLaneSampler:
             it += 1
         return self._finish(x, P, tree, trace, eos_t, spec)
 
-    def _rows_span(self, cache, gen, pred, written, row, T, end, B, dream):
-        """Speculative calls: every row covers ``[lo, hi)``; (lo, hi, write, refresh kind).
+    def _rows_span(self, cache, gen, pred, written, row, T, end, dream):
+        """Speculative calls: every row covers ``[lo, hi)``; (lo, hi, refresh kind).
 
         Rows differ (each fills different drafts); row 0, the leftmost lane's, is the buffer
         itself, and only its K/V are written (``write_row``; a one-row call writes as the one-row
-        path does).  ``write`` is False only without a cache.  ``lo``: the first
+        path does).  ``lo``: the first
         predicted position, or the first stale slot below it (compact refresh), or 0 (a full
         refresh: ``compact_refresh`` off, or ``refresh_every``); Dream rows start one earlier (a
         row's first position has no left neighbour).  ``hi``: the buffer's end, or the answer's
@@ -547,10 +559,8 @@ class AsyncLaneSampler:
         """
         cfg = self.cfg
         if cache is None:
-            return 0, T, False, None
-        every = cfg.refresh_every
-        want_full = any((g.steps == 0 and not cfg.compact_refresh) if every is None else g.steps % every == 0
-                        for g in gen)
+            return 0, T, None
+        want_full = self._wants_full(gen)
         stale = (written != row).nonzero().flatten().tolist()
         lo, kind = pred[0], None
         if want_full:
@@ -562,7 +572,7 @@ class AsyncLaneSampler:
         hi = T
         if cfg.compact_refresh and end < T and (not stale or stale[-1] < end):
             hi = end
-        return lo, hi, True, kind
+        return lo, hi, kind
 
     def _plan(self, cache, want_full, need, stale, T, end):
         """The call's positions, whether it writes K/V, and its refresh kind (None / compact / full).
