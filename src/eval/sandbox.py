@@ -1,58 +1,66 @@
-"""Run generated Python programs away from the harness: one throw-away process per program.
+"""Run generated Python programs away from the harness: one throw-away process tree per program.
 
 Generated code never runs in the harness process.  :func:`run_program` writes the program into
-a fresh temporary directory and starts a separate interpreter on it (``python -I -B``, through
-a small launcher), in a new session (process group).  Layers, cheapest first:
+a fresh temporary directory and hands it to a supervisor (``eval/sandbox_child.py``, a separate
+interpreter started with an empty environment), which sets up the layers below and starts
+``python -I -B`` on the program through a small launcher.  Layers (``ExecResult.isolation``
+names those a run actually had, and code-task rows and ``summary.json`` record it):
 
-* ``rlimits``: ``RLIMIT_CPU`` just above the wall-clock ``timeout``, ``RLIMIT_AS``
-  (``memory_mb``), ``RLIMIT_FSIZE`` (``file_mb``; stdout/stderr go to files, so it also caps
-  what the program prints), few open files, no core dumps, and ``RLIMIT_NPROC`` =
-  ``max_procs`` (1: no child processes).  The kernel never applies ``RLIMIT_NPROC`` to root.
-* a wall-clock ``timeout``: the whole process group is SIGKILLed when it runs out (the group
-  leader is not reaped before that, so the group id cannot have been recycled).
-* ``netns``: a new, empty network namespace (``unshare(CLONE_NEWNET)``): no interface is up,
-  not even loopback, so every connection fails with "Network is unreachable".
+* ``userns``: a new user namespace.  In-namespace root is mapped to a fresh throw-away uid when
+  the harness is root (to the harness's own uid otherwise); the program holds no capability in
+  any namespace (``caps``: empty bounding, ambient, permitted and effective sets,
+  ``no_new_privs``), so it cannot remount, ``setns`` back into the harness's namespaces, signal
+  or trace the harness, or read what only root may read (``/etc/shadow``, other users' files).
+* ``uid``: the program's real uid outside is not the harness's (the throw-away uid).  Without
+  user namespaces a root harness still gets it by ``setresuid`` after the set-up.
+* ``pidns``: a new PID namespace with its own ``/proc``: the harness's processes, their command
+  lines and environments are invisible; when the namespace's first process ends, the kernel
+  kills every process left in it.
+* ``netns``: a new, empty network namespace: no interface is up, not even loopback.
 * ``mntns`` (``readonly_fs``): a private mount namespace in which every mount is read-only
-  except the program's own directory (bind-mounted read-write), so the program cannot write,
-  delete or rename anything outside it, whatever its uid.
-* ``seccomp`` (``no_fork``): a seccomp filter on which ``clone``/``fork``/``vfork``/``clone3``
-  fail with EPERM: no child processes and no threads, for root too (x86-64 and arm64).
-* ``uid`` (``drop_user``): when the harness is root, a throw-away uid/gid (fresh per run), if
-  the interpreter is reachable by other users (it is not when it lives under ``/root``).
+  except the program's own directory; home directories, ``/tmp``, ``/run`` and ``/dev/shm``
+  (``hide_dirs``) are replaced by empty tmpfs, with the interpreter and the sandbox's own
+  directory bound back, so a private interpreter directory (``/root/...``) still works.
+* ``seccomp`` (``no_fork``): a seccomp filter on which new processes and threads, mount and
+  namespace calls, ``ptrace``, ``bpf``, keyrings and every x32-ABI call fail with EPERM.
+* ``nproc`` / ``rlimits``: ``RLIMIT_CPU`` just above the wall-clock ``timeout``, ``RLIMIT_AS``
+  (``memory_mb``), ``RLIMIT_FSIZE`` (``file_mb``; stdout/stderr go to files, so it also caps
+  what the program prints), few open files, no core dumps, ``RLIMIT_NPROC`` = ``max_procs``
+  (the kernel applies it to any uid but root: ``nproc`` is listed when it binds).
 * ``guard``: a Python audit hook installed before the program starts that refuses sockets,
   ``fork``/``exec``/``system``/``subprocess``, ``kill``, links, and any write, delete, rename,
-  ``chmod`` or ``chdir`` outside the directory.
-* a scrubbed environment (``PATH``, ``HOME`` and ``TMPDIR`` in the directory, a UTF-8 locale,
-  one BLAS thread), stdin closed, ``-I`` (no ``PYTHON*`` variables, no user site-packages, not
-  the script's directory on ``sys.path``); the directory is removed afterwards, whatever
-  happened.
+  ``chmod`` or ``chdir`` outside the directory (Python-level: ``ctypes`` bypasses it; it is the
+  last line only where the kernel layers are missing).
+* a wall-clock ``timeout`` (the supervisor kills the namespace's first process, hence all of
+  it), a scrubbed environment (``PATH``, ``HOME`` and ``TMPDIR`` in the directory, a UTF-8
+  locale, one BLAS thread), stdin closed, ``-I``; the directory is removed afterwards.
 
-A run passes only if the process exits with status 0 *and* a per-run random sentinel, written
-after the program's last statement, reaches stdout, so a program that calls ``exit(0)`` or
-``os._exit(0)`` before its tests have run does not pass.
+Pass signal: a run passes only if the process exits with status 0 *and* the launcher, after the
+program's last statement, wrote the run's nonce to a pipe (fd 4).  The supervisor makes the
+nonce after it started the namespace and hands it to the launcher on another pipe (fd 3),
+which the launcher reads and closes before the program starts: it is in no argument,
+environment variable or file, so ``exit(0)`` / ``os._exit(0)`` before the tests, or printing
+anything read from ``/proc/self``, does not pass.
 
-Threat model: accidents and sloppy generated code (infinite loops, memory or fork bombs, file
-deletion, stray network calls), not a determined attacker.  The kernel layers hold against any
-code; the guard is Python-level and can be bypassed (for example through ``ctypes``).  Which
-kernel layers exist depends on the machine (namespaces need root or unprivileged user
-namespaces; containers often forbid both): :func:`capabilities` probes them once per process,
-unavailable ones are skipped (logged), and every :class:`ExecResult` names the layers its run
-had (``isolation``, e.g. ``netns+mntns+seccomp+rlimits+guard``).  The weakest fallback is
-rlimits + timeout + guard: sockets and writes outside the directory are then refused only by
-the guard, and forks by ``RLIMIT_NPROC`` (non-root) or the guard (root).  For stronger
-isolation run the scorer in a container or VM that holds no secrets.
+What assert-based scoring still cannot catch: a program that returns an object whose ``__eq__``
+always answers True (or otherwise games the tests' comparisons), or one that deliberately digs
+the nonce out of the launcher's own frames or memory (``gc``, ``sys._getframe``,
+``/proc/self/mem``) before the tests run.  Both are attacks on the score, not on the machine:
+the kernel layers still hold.  Threat model: sloppy or hostile generated code; the machine is
+protected by the kernel layers, which depend on what the machine allows (user namespaces may be
+disabled, containers often forbid namespaces and seccomp).  :func:`capabilities` probes them
+once per process; ``SandboxConfig.strict`` turns a run weaker than requested into an ``error``
+and the code tasks warn at the start of a run (``task.sandbox_strict=true`` makes that an
+error).  For more, run the scorer in a VM that holds no secrets.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import itertools
+import json
 import logging
 import math
 import os
 import resource
 import secrets
-import select
 import shutil
 import signal
 import stat
@@ -60,78 +68,35 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
+import itertools
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["SandboxConfig", "ExecResult", "STATUSES", "run_program", "capabilities"]
+__all__ = ["SandboxConfig", "ExecResult", "STATUSES", "FULL_LAYERS", "run_program", "capabilities",
+           "missing_layers"]
 
 log = logging.getLogger(__name__)
 
 STATUSES = ("passed", "failed", "timeout", "error")
-CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
-MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE = 1024, 2048, 4096, 16384, 1 << 18
-MS_RELATIME, MS_STRICTATIME = 1 << 21, 1 << 24
-_MOUNT_OPTS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
-               "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME}
-PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
+# every layer a default run asks for; ``userns`` or ``uid`` stands for "not the harness's identity"
+FULL_LAYERS = ("userns", "uid", "caps", "pidns", "netns", "mntns", "seccomp", "rlimits", "guard")
+_CHILD = Path(__file__).with_name("sandbox_child.py")
 _UID_BASE, _UID_SPAN = 200_000, 100_000  # throw-away uids (no passwd entry needed)
 _uid_counter = itertools.count()
 _uid_lock = threading.Lock()
-
-try:  # loaded in the parent: the child (between fork and exec) only calls these
-    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    _UNSHARE, _MOUNT, _PRCTL = _LIBC.unshare, _LIBC.mount, _LIBC.prctl
-    _MOUNT.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
-    _PRCTL.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
-except (OSError, AttributeError):  # pragma: no cover - non-glibc systems
-    _UNSHARE = _MOUNT = _PRCTL = None
-
-
-class _SockFilter(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
-
-
-# seccomp: the process-creating syscalls (clone, fork, vfork, clone3) fail with EPERM
-_AUDIT_ARCH = {"x86_64": (0xC000003E, (56, 57, 58, 435)), "aarch64": (0xC00000B7, (220, 435))}
-
-
-def _seccomp_program():
-    """A classic-BPF seccomp filter refusing new processes and threads, or None on other CPUs."""
-    import platform
-
-    arch = _AUDIT_ARCH.get(platform.machine())
-    if arch is None or _PRCTL is None:
-        return None
-    audit, numbers = arch
-    ld, jeq, ret = 0x20, 0x15, 0x06
-    allow, deny = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
-    n = len(numbers)
-    code = [(ld, 0, 0, 4), (jeq, 0, n + 1, audit), (ld, 0, 0, 0)]
-    code += [(jeq, n - i, 0, nr) for i, nr in enumerate(numbers)]  # match: jump to deny
-    code += [(ret, 0, 0, allow), (ret, 0, 0, deny)]
-    filters = (_SockFilter * len(code))(*[_SockFilter(*c) for c in code])
-    prog = _SockFprog(len(code), filters)
-    prog._keep = filters  # the child reads the array through the pointer
-    return prog
-
-
-_SECCOMP = _seccomp_program()
-_SECCOMP_ADDR = ctypes.addressof(_SECCOMP) if _SECCOMP is not None else None
+HIDE_DIRS = ("/root", "/home", "/tmp", "/var/tmp", "/run", "/dev/shm")
 
 
 @dataclass(frozen=True)
 class SandboxConfig:
-    """Limits of one run.  ``network``: ``auto`` (a network namespace when available, else
-    only the guard), ``netns`` (required: a run without it is an ``error``) or ``guard``.
-    ``drop_user``: when the harness is root, run as a throw-away uid (``auto``: if it works)."""
+    """Limits and layers of one run.  ``network``: ``auto`` (a network namespace when
+    available, else only the guard), ``netns`` (required: a run without it is an ``error``) or
+    ``guard``.  ``drop_user``: run as a throw-away uid when the harness is root (``auto``: if
+    it works here; ``yes``: required).  ``user_ns`` / ``pid_ns``: the user and PID namespaces.
+    ``strict``: a run that lacks any layer it asked for is an ``error`` instead of running
+    weaker."""
 
     timeout: float = 10.0  # wall-clock seconds
     memory_mb: int = 2048  # RLIMIT_AS
@@ -143,6 +108,10 @@ class SandboxConfig:
     readonly_fs: bool = True  # a private mount namespace, everything but the directory read-only
     no_fork: bool = True  # the seccomp filter refusing new processes and threads
     guard: bool = True  # the audit-hook guard
+    user_ns: bool = True  # a user namespace (no capabilities outside it)
+    pid_ns: bool = True  # a PID namespace with its own /proc
+    hide_dirs: tuple = HIDE_DIRS  # replaced by empty tmpfs in the mount namespace
+    strict: bool = False  # missing requested layers: error instead of a weaker run
     tail_chars: int = 2000  # how much of stdout/stderr the result keeps (the end)
 
     def __post_init__(self):
@@ -156,6 +125,13 @@ class SandboxConfig:
             raise ValueError("sandbox limits too small: memory_mb >= 64, file_mb >= 1, max_procs >= 1, "
                              "max_open_files >= 16")
 
+    def requested(self, root: bool) -> tuple:
+        """The layers this config asks for (``uid`` only makes sense for a root harness)."""
+        on = {"userns": self.user_ns, "uid": root and self.drop_user != "no", "caps": True,
+              "pidns": self.pid_ns, "netns": self.network != "guard", "mntns": self.readonly_fs,
+              "seccomp": self.no_fork, "rlimits": True, "guard": self.guard}
+        return tuple(k for k in FULL_LAYERS if on[k])
+
 
 @dataclass(frozen=True)
 class ExecResult:
@@ -167,19 +143,27 @@ class ExecResult:
     seconds: float
     stdout: str
     stderr: str
-    isolation: str  # the layers this run had, e.g. "netns+mntns+seccomp+rlimits+guard"
+    isolation: str  # the layers this run had, e.g. "userns+uid+caps+pidns+netns+mntns+seccomp+rlimits+guard"
 
     @property
     def passed(self) -> bool:
         return self.status == "passed"
 
 
-# The launcher: installs the guard (an audit hook: it cannot be removed once added), runs the
-# program as __main__, then writes the sentinel.  Everything the hook uses is bound at install
-# time, so a program that rebinds os/os.path functions does not change what the hook checks.
+# The launcher: takes the run's nonce from fd 3 (and closes it), installs the guard (an audit
+# hook: it cannot be removed once added), runs the program as __main__, then writes the nonce to
+# fd 4.  The nonce is in no argument, environment variable or file; only a program that digs
+# through the launcher's own frames or memory could find it.  Everything the hook uses is bound
+# at install time, so a program that rebinds os/os.path functions does not change what it checks.
 _LAUNCHER = r'''
 import os, sys
-_write, _argv = os.write, list(sys.argv)
+_argv = list(sys.argv)
+
+def _take_nonce():
+    try:
+        return os.read(3, 64)
+    finally:
+        os.close(3)
 
 def _install_guard(root):
     root = root.rstrip("/") + "/"
@@ -236,83 +220,27 @@ def _install_guard(root):
 
     sys.addaudithook(hook)
 
+def _run(nonce, path, write=os.write):
+    import runpy
+    runpy.run_path(path, run_name="__main__")
+    write(4, nonce)
+
 if _argv[1] == "1":
     _install_guard(os.getcwd())
 sys.argv = [_argv[2]]
-import runpy
-runpy.run_path(_argv[2], run_name="__main__")
-_write(1, ("\n" + _argv[3] + "\n").encode())
+_run(_take_nonce(), _argv[2])
 '''
 
 
-def _limits(cfg: SandboxConfig) -> list[tuple[int, tuple[int, int]]]:
+def _limits(cfg: SandboxConfig) -> list:
     cpu = int(math.ceil(cfg.timeout)) + 1
     mib = 1024 * 1024
-    return [(resource.RLIMIT_CPU, (cpu, cpu + 1)),
-            (resource.RLIMIT_AS, (cfg.memory_mb * mib,) * 2),
-            (resource.RLIMIT_FSIZE, (cfg.file_mb * mib,) * 2),
-            (resource.RLIMIT_NPROC, (cfg.max_procs,) * 2),
-            (resource.RLIMIT_NOFILE, (cfg.max_open_files,) * 2),
-            (resource.RLIMIT_CORE, (0, 0))]
-
-
-def _mounts() -> list[tuple[bytes, int]]:
-    """(mount point, flags to keep) of every read-write mount, parents first."""
-    out = []
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 6:
-            continue
-        point = fields[4].encode().decode("unicode_escape").encode("latin-1")  # \040 etc.
-        opts = fields[5].split(",")
-        if "ro" in opts:
-            continue
-        out.append((point, sum(_MOUNT_OPTS.get(o, 0) for o in opts)))
-    return sorted(out, key=lambda m: m[0].count(b"/") if m[0] != b"/" else 0)
-
-
-def _preexec(limits, netns: bool, mntns: bool, seccomp: bool, uid: Optional[int], work: str):
-    """Runs in the child between fork and exec: namespaces and a read-only file system, limits,
-    the uid, then the seccomp filter (last: it would refuse nothing the rest needs, but the
-    order keeps every step before it free to fail loudly)."""
-    flags = (CLONE_NEWNET if netns else 0) | (CLONE_NEWNS if mntns else 0)
-    if flags and os.geteuid() != 0:
-        flags |= CLONE_NEWUSER  # unprivileged: namespaces inside a user namespace
-    mounts = _mounts() if mntns else []
-    work_b = os.fsencode(work)
-
-    def child():
-        if flags:
-            if _UNSHARE is None or _UNSHARE(flags) != 0:
-                raise OSError(ctypes.get_errno(), "unshare failed")
-        if mntns:
-            # private first, so nothing below propagates back to the host's mounts
-            if _MOUNT(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
-                raise OSError(ctypes.get_errno(), "making the mount namespace private failed")
-            if _MOUNT(work_b, work_b, None, MS_BIND | MS_REC, None) != 0:
-                raise OSError(ctypes.get_errno(), "bind-mounting the working directory failed")
-            for point, keep in mounts:
-                rc = _MOUNT(None, point, None, MS_BIND | MS_REMOUNT | MS_RDONLY | keep, None)
-                if rc != 0 and point == b"/":
-                    raise OSError(ctypes.get_errno(), "remounting / read-only failed")
-            os.chdir(work_b)  # the old cwd is the directory under the bind mount (read-only now)
-        os.umask(0o077)
-        for which, values in limits:
-            resource.setrlimit(which, values)
-        if uid is not None:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-        if seccomp:
-            if _PRCTL(PR_SET_NO_NEW_PRIVS, 1, None, 0, 0) != 0 or \
-                    _PRCTL(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, _SECCOMP_ADDR, 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), "installing the seccomp filter failed")
-
-    return child
+    return [(resource.RLIMIT_CPU, cpu, cpu + 1),
+            (resource.RLIMIT_AS, cfg.memory_mb * mib, cfg.memory_mb * mib),
+            (resource.RLIMIT_FSIZE, cfg.file_mb * mib, cfg.file_mb * mib),
+            (resource.RLIMIT_NPROC, cfg.max_procs, cfg.max_procs),
+            (resource.RLIMIT_NOFILE, cfg.max_open_files, cfg.max_open_files),
+            (resource.RLIMIT_CORE, 0, 0)]
 
 
 def _fresh_uid() -> int:
@@ -326,31 +254,46 @@ def _env(work: str) -> dict[str, str]:
             "LC_ALL": "C.UTF-8", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def _wait_exited(pid: int, timeout: float) -> bool:
-    """Wait (without reaping, so the process group cannot be recycled) until ``pid`` exits;
-    False if ``timeout`` seconds pass first."""
-    if hasattr(os, "pidfd_open"):
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+@lru_cache(maxsize=None)
+def _interpreter_paths() -> tuple:
+    """Directories the interpreter needs (its prefixes and the directory of its executable)."""
+    paths = set()
+    for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+              os.path.dirname(os.path.abspath(sys.executable)), os.path.dirname(os.path.realpath(sys.executable))):
+        for q in (os.path.abspath(p), os.path.realpath(p)):
+            if os.path.isdir(q):
+                paths.add(q)
+    return tuple(sorted(paths))
+
+
+def _private_ancestors(path: str) -> list:
+    """Ancestors of ``path`` (itself excluded) that other users cannot enter."""
+    out, cur = [], "/"
+    for seg in [s for s in path.split("/") if s][:-1]:
+        cur = os.path.join(cur, seg)
         try:
-            fd = os.pidfd_open(pid)
+            if not os.stat(cur).st_mode & stat.S_IXOTH:
+                out.append(cur)
         except OSError:
-            fd = None
-        if fd is not None:
-            try:
-                poller = select.poll()
-                poller.register(fd, select.POLLIN)
-                return bool(poller.poll(max(0, int(timeout * 1000))))
-            finally:
-                os.close(fd)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None:
-                return True
-        except ChildProcessError:
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.005)
+            break
+    return out
+
+
+def _hide_and_keep(cfg: SandboxConfig, root: Path) -> tuple[list, list]:
+    keep = list(_interpreter_paths()) + [str(root)]
+    hide = set()
+    for d in tuple(cfg.hide_dirs) + (os.path.expanduser("~"), tempfile.gettempdir()):
+        if d and os.path.isdir(d) and not os.path.islink(d):
+            hide.add(os.path.realpath(d))
+    for p in keep:  # a private ancestor would keep the throw-away uid from the interpreter
+        hide.update(_private_ancestors(p)[:1])
+    hide.discard("/")
+    hide = sorted(hide, key=lambda h: (h.count("/"), h))
+    return hide, keep
 
 
 def _tail(path: Path, chars: int) -> str:
@@ -378,99 +321,133 @@ def _rmtree(path: Path) -> None:
 
 
 @dataclass(frozen=True)
-class _Layers:
-    netns: bool = False
-    mntns: bool = False
-    seccomp: bool = False
-    uid: Optional[int] = None
-    guard: bool = False
+class _Request:
+    """Which layers the supervisor tries (it reports the ones it got)."""
+
+    userns: bool = True
+    pidns: bool = True
+    netns: bool = True
+    mntns: bool = True
+    seccomp: bool = True
+    drop_uid: bool = True
+    guard: bool = True
 
 
-def _spawn(source: str, cfg: SandboxConfig, layers: _Layers) -> tuple:
-    """Run ``source``; (status, returncode, seconds, stdout, stderr)."""
+def _supervise(source: str, cfg: SandboxConfig, req: _Request) -> tuple:
+    """Run ``source``; (status, returncode, seconds, stdout, stderr, layers)."""
+    root_user = os.geteuid() == 0
     root = Path(tempfile.mkdtemp(prefix="eval-sandbox-"))
     try:
         work = root / "work"
         work.mkdir()
         os.chmod(root, 0o711)  # a sandbox uid may pass through, not list or write
-        if layers.uid is not None:
-            os.chown(work, layers.uid, layers.uid)
+        uid = _fresh_uid() if root_user and req.drop_uid else None
+        if uid is not None:
+            os.chown(work, uid, uid)
         os.chmod(work, 0o700)
         program, launcher = root / "program.py", root / "launcher.py"
         program.write_text(source, encoding="utf-8")
         launcher.write_text(_LAUNCHER, encoding="utf-8")
         os.chmod(program, 0o644)
         os.chmod(launcher, 0o644)
-        nonce = "sandbox-ok-" + secrets.token_hex(16)
         out_path, err_path = root / "stdout", root / "stderr"
-        cmd = [sys.executable, "-I", "-B", str(launcher), "1" if layers.guard else "0", str(program), nonce]
-        pre = _preexec(_limits(cfg), layers.netns, layers.mntns, layers.seccomp, layers.uid, str(work))
-        t0 = time.perf_counter()
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            try:
-                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=work,
-                                        env=_env(str(work)), preexec_fn=pre, start_new_session=True,
-                                        close_fds=True)
-            except (OSError, subprocess.SubprocessError) as e:
-                return "error", None, time.perf_counter() - t0, "", f"sandbox could not start the program: {e}"
-            exited = _wait_exited(proc.pid, cfg.timeout)
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # stragglers; the leader is not reaped yet
-            except (ProcessLookupError, PermissionError):
-                pass
-            rc = proc.wait()
-        seconds = time.perf_counter() - t0
-        stdout = _tail(out_path, cfg.tail_chars + len(nonce) + 2)
+        hide, keep = _hide_and_keep(cfg, root)
+        request = {"python": sys.executable, "launcher": str(launcher), "program": str(program),
+                   "work": str(work), "stdout": str(out_path), "stderr": str(err_path),
+                   "timeout": cfg.timeout, "limits": _limits(cfg), "env": _env(str(work)),
+                   "root": root_user, "uid": uid, "userns": req.userns, "pidns": req.pidns,
+                   "netns": req.netns, "mntns": req.mntns, "seccomp": req.seccomp, "guard": req.guard,
+                   "hide": hide, "keep": keep}
+        try:
+            proc = subprocess.Popen([sys.executable, "-I", "-B", "-S", str(_CHILD)], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={},
+                                    start_new_session=True, close_fds=True)
+        except OSError as e:
+            return "error", None, 0.0, "", f"sandbox could not start its supervisor: {e}", []
+        try:
+            raw, raw_err = proc.communicate(json.dumps(request).encode(), timeout=cfg.timeout + 30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return "error", None, cfg.timeout, "", "sandbox: the supervisor did not answer", []
+        try:
+            res = json.loads(raw.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return ("error", None, 0.0, "", "sandbox: the supervisor failed: "
+                    + raw_err.decode("utf-8", "replace")[-cfg.tail_chars:], [])
+        layers = list(res["layers"]) + (["guard"] if req.guard else [])
+        if "uid" in layers or not root_user:  # the kernel applies RLIMIT_NPROC to any uid but root
+            layers.append("nproc")
+        stdout = _tail(out_path, cfg.tail_chars)
         stderr = _tail(err_path, cfg.tail_chars)
-        sentinel = f"\n{nonce}\n"
-        ok = sentinel in stdout
-        stdout = stdout.replace(sentinel, "")[-cfg.tail_chars:]
-        if not exited or rc == -signal.SIGXCPU:
-            status = "timeout"
-        elif rc == 0 and ok:
-            status = "passed"
-        else:
-            status = "failed"
-            if rc == 0:
-                stderr = (stderr + "\nsandbox: the program ended before its last statement ran "
-                          "(exit() or os._exit() called early?)")[-cfg.tail_chars:]
-        return status, rc, seconds, stdout, stderr
+        pstatus, seconds = res["pstatus"], float(res["seconds"])
+        if pstatus is None:
+            if res["timed_out"]:
+                return "timeout", -signal.SIGKILL, seconds, stdout, stderr, layers
+            msg = "; ".join(res["errors"]) or "sandbox: the program never started"
+            return "error", None, seconds, stdout, (stderr + "\n" + msg)[-cfg.tail_chars:], layers
+        rc = os.waitstatus_to_exitcode(pstatus)
+        if res["errors"]:  # the program's process failed before the program started
+            return "error", rc, seconds, stdout, (stderr + "\n" + "; ".join(res["errors"]))[-cfg.tail_chars:], layers
+        if res["timed_out"] or rc == -signal.SIGXCPU:
+            return "timeout", rc, seconds, stdout, stderr, layers
+        if rc == 0 and res["reached_end"]:
+            return "passed", rc, seconds, stdout, stderr, layers
+        if rc == 0:
+            stderr = (stderr + "\nsandbox: the program ended before its last statement ran "
+                      "(exit() or os._exit() called early?)")[-cfg.tail_chars:]
+        return "failed", rc, seconds, stdout, stderr, layers
     finally:
         _rmtree(root)
 
 
-_PROBE = {"netns": _Layers(netns=True), "mntns": _Layers(mntns=True), "seccomp": _Layers(seccomp=True)}
+# strongest first: the probe keeps the first that runs a trivial program
+_TIERS = (_Request(), _Request(userns=False), _Request(userns=False, mntns=False, pidns=False),
+          _Request(userns=False, mntns=False, pidns=False, netns=False, drop_uid=False))
+
+
+@lru_cache(maxsize=None)
+def _probe() -> tuple:
+    """(the strongest request that runs ``pass`` here, the layers it got)."""
+    cfg = SandboxConfig(timeout=30.0)
+    for req in _TIERS:
+        status, _, _, _, err, layers = _supervise("pass\n", cfg, req)
+        if status == "passed":
+            return req, tuple(layers)
+        log.debug("sandbox probe %s: %s %s", req, status, err.strip()[-300:])
+    return _Request(userns=False, mntns=False, pidns=False, netns=False, seccomp=False, drop_uid=False), ()
 
 
 @lru_cache(maxsize=None)
 def capabilities() -> dict[str, bool]:
-    """Which kernel layers work on this machine, probed once per process (each by starting
-    ``python -c pass`` under it): ``netns`` (a private network namespace), ``mntns`` (a
-    private mount namespace with everything but the working directory read-only), ``seccomp``
-    (the no-new-process filter) and ``drop_uid`` (root switching to a throw-away uid: it can
-    fail where the interpreter lives in a directory other users cannot enter)."""
-    cfg = SandboxConfig(timeout=30.0)
+    """Which layers work on this machine, probed once per process by running ``pass`` under the
+    strongest set-up that works here: ``root``, and one flag per layer (``userns``, ``uid``,
+    ``caps``, ``pidns``, ``netns``, ``mntns``, ``seccomp``, ``nproc``); ``drop_uid`` is ``uid``
+    (the name older callers use)."""
+    _, layers = _probe()
     caps = {"root": os.geteuid() == 0}
-    for name, layers in _PROBE.items():
-        if name == "seccomp" and _SECCOMP is None:
-            caps[name] = False
-            continue
-        try:
-            caps[name] = _spawn("pass\n", cfg, layers)[0] == "passed"
-        except OSError:
-            caps[name] = False
-    caps["drop_uid"] = False
-    if caps["root"]:
-        try:
-            caps["drop_uid"] = _spawn("pass\n", cfg, _Layers(uid=_fresh_uid()))[0] == "passed"
-        except OSError:
-            pass
-    missing = [k for k in ("netns", "mntns", "seccomp", "drop_uid") if not caps[k]
-               and (k != "drop_uid" or caps["root"])]
+    for name in FULL_LAYERS + ("nproc",):
+        if name != "guard" and name != "rlimits":
+            caps[name] = name in layers
+    caps["drop_uid"] = caps["uid"]
+    missing = [k for k in ("userns", "pidns", "netns", "mntns", "seccomp", "caps")
+               if not caps[k]] + (["uid"] if caps["root"] and not caps["uid"] else [])
     if missing:
-        log.info("sandbox: %s unavailable here; the other layers still apply (see eval.sandbox)",
-                 ", ".join(missing))
+        log.warning("sandbox: %s unavailable here; the other layers still apply (see eval.sandbox)",
+                    ", ".join(missing))
     return caps
+
+
+def missing_layers(cfg: Optional[SandboxConfig] = None) -> list:
+    """The layers ``cfg`` asks for that this machine cannot give (empty: the full sandbox);
+    ``userns`` is not missing where a root harness still drops to a throw-away uid."""
+    cfg = cfg or SandboxConfig()
+    caps = capabilities()
+    got = {k for k, v in caps.items() if v} | {"rlimits", "guard"}
+    out = [k for k in cfg.requested(caps["root"]) if k not in got]
+    if "userns" in out and caps["root"] and caps["uid"]:
+        out.remove("userns")
+    return out
 
 
 def run_program(source: str, config: Optional[SandboxConfig] = None, **overrides) -> ExecResult:
@@ -479,25 +456,24 @@ def run_program(source: str, config: Optional[SandboxConfig] = None, **overrides
     cfg = config or SandboxConfig()
     if overrides:
         cfg = replace(cfg, **overrides)
+    tier, _ = _probe()
     caps = capabilities()
-    netns = cfg.network in ("auto", "netns") and caps["netns"]
-    if cfg.network == "netns" and not netns:
+    if cfg.network == "netns" and not caps["netns"]:
         return ExecResult("error", None, 0.0, "", "sandbox: network=netns but network namespaces are "
                           "unavailable here", "none")
-    uid = None
-    if caps["root"] and cfg.drop_user != "no":
-        if caps["drop_uid"]:
-            uid = _fresh_uid()
-        elif cfg.drop_user == "yes":
-            return ExecResult("error", None, 0.0, "", "sandbox: drop_user=yes but switching uid fails here",
-                              "none")
-    layers = _Layers(netns=netns, mntns=cfg.readonly_fs and caps["mntns"],
-                     seccomp=cfg.no_fork and caps["seccomp"], uid=uid, guard=cfg.guard)
-    names = [n for n, on in (("netns", layers.netns), ("mntns", layers.mntns), ("seccomp", layers.seccomp),
-                             ("uid", uid is not None), ("nproc", not caps["root"] or uid is not None),
-                             ("rlimits", True), ("guard", cfg.guard)) if on]
+    if cfg.drop_user == "yes" and caps["root"] and not caps["uid"]:
+        return ExecResult("error", None, 0.0, "", "sandbox: drop_user=yes but switching uid fails here", "none")
+    if cfg.strict and missing_layers(cfg):
+        return ExecResult("error", None, 0.0, "", "sandbox: strict, but unavailable here: "
+                          + ", ".join(missing_layers(cfg)), "none")
+    req = _Request(userns=cfg.user_ns and tier.userns, pidns=cfg.pid_ns and tier.pidns,
+                   netns=cfg.network != "guard" and tier.netns, mntns=cfg.readonly_fs and tier.mntns,
+                   seccomp=cfg.no_fork and tier.seccomp, drop_uid=cfg.drop_user != "no" and tier.drop_uid,
+                   guard=cfg.guard)
     try:
-        status, rc, seconds, out, err = _spawn(source, cfg, layers)
+        status, rc, seconds, out, err, layers = _supervise(source, cfg, req)
     except OSError as e:  # the temporary directory itself could not be made
-        return ExecResult("error", None, 0.0, "", f"sandbox: {e}", "+".join(names))
-    return ExecResult(status, rc, seconds, out, err, "+".join(names))
+        return ExecResult("error", None, 0.0, "", f"sandbox: {e}", "none")
+    order = FULL_LAYERS[:-2] + ("nproc", "rlimits", "guard")
+    names = [n for n in order if n in layers]
+    return ExecResult(status, rc, seconds, out, err, "+".join(names) or "none")

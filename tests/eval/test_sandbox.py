@@ -182,27 +182,43 @@ def test_output_floods_are_capped_by_the_file_size_limit():
     assert res.status == "failed" and len(res.stdout) <= FAST.tail_chars
 
 
-def test_timeout_kills_the_whole_process_group():
-    """With forks allowed, a child left behind by a timed-out program dies with it."""
-    cfg = SandboxConfig(timeout=1.0, no_fork=False, guard=False, max_procs=4096)
-    res = run("""
-        import os, sys, time
-        pid = os.fork()
-        if pid == 0:
-            time.sleep(60)
+def _alive_named(name: str) -> list:
+    """Host pids of live (not zombie) processes whose comm is ``name``."""
+    out = []
+    for p in os.listdir("/proc"):
+        try:
+            if p.isdigit() and open(f"/proc/{p}/comm").read().strip() == name and \
+                    open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                out.append(int(p))
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("pid_ns", [True, False], ids=["pidns", "no-pidns"])
+def test_timeout_kills_everything_the_program_started(pid_ns):
+    """With forks allowed, children left behind by a timed-out program (one of them in a new
+    session) die with it."""
+    if not pid_ns and not CAPS["uid"]:
+        pytest.skip("without a PID namespace only a throw-away uid finds a child in its own session")
+    name = f"sbx{os.getpid() % 100000}{int(pid_ns)}"
+    cfg = SandboxConfig(timeout=1.0, no_fork=False, guard=False, max_procs=4096, pid_ns=pid_ns)
+    res = run(f"""
+        import ctypes, os, time
+        ctypes.CDLL(None).prctl(15, {name.encode()!r}, 0, 0, 0)  # PR_SET_NAME
+        if os.fork() == 0:
+            os.setsid()
+            if os.fork() == 0:
+                time.sleep(60)
             os._exit(0)
-        print(pid, flush=True)
+        time.sleep(0.3)
+        print("forked", flush=True)
         while True:
             pass
     """, cfg)
-    assert res.status == "timeout"
-    child = int(res.stdout.split()[0])
-    time.sleep(0.2)
-    try:
-        state = open(f"/proc/{child}/stat").read().split()[2]
-    except FileNotFoundError:
-        state = "gone"
-    assert state in ("gone", "Z", "X"), state  # killed (a zombie until its new parent reaps it)
+    assert res.status == "timeout" and "forked" in res.stdout, res
+    time.sleep(0.3)
+    assert _alive_named(name) == []
 
 
 def test_config_is_validated_and_unavailable_layers_are_errors():

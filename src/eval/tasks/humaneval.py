@@ -48,7 +48,7 @@ def exec_flags(program: str, cfg: sandbox.SandboxConfig) -> dict:
     """Run ``program`` in the sandbox: the score fields of a code task."""
     res = sandbox.run_program(program, cfg)
     return {"correct": res.passed, "exec_status": res.status,
-            "exec_error": "" if res.passed else res.stderr[-ERROR_TAIL:]}
+            "exec_error": "" if res.passed else res.stderr[-ERROR_TAIL:], "sandbox": res.isolation}
 
 
 @register_task("humaneval")
