@@ -92,6 +92,8 @@ def summarize(rows: list[dict]) -> dict:
         "gen_tokens_mean": float(df["gen_tokens"].mean()),
         "conventions": dict(CONVENTIONS),
     }
+    if "sandbox" in df.columns:  # code tasks: the sandbox layers the programs actually ran under
+        out["sandbox"] = sorted(str(v) for v in df["sandbox"].dropna().unique())
     if not len(timed):
         log.warning("every row is a warm-up row: no timing aggregates (raise limit or set warmup=0)")
     return out

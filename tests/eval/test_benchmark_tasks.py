@@ -295,7 +295,8 @@ def test_humaneval_references_and_generated_shapes_pass():
     sol = e.meta["canonical_solution"]
     # instruct: the body continues the prefix's code block, then the model closes it and chats on
     s = inst.score(e, sol + "```\n\nThis checks every pair.")
-    assert s == {"correct": True, "exec_status": "passed", "exec_error": ""}
+    assert {k: v for k, v in s.items() if k != "sandbox"} == {"correct": True, "exec_status": "passed", "exec_error": ""}
+    assert "rlimits" in s["sandbox"]  # the layers the program ran under
     # instruct, model re-opened a block with the whole function in it
     full = f"```python\n{e.prompt}{sol}```"
     assert inst.score(e, full)["correct"]

@@ -44,6 +44,24 @@ GEN_PREFIX = "Here is the completed function:\n```python\n{prompt}\n"
 ERROR_TAIL = 400  # characters of stderr kept in a result row
 
 
+def code_sandbox(timeout: float, memory_mb: int, sandbox_strict: bool) -> sandbox.SandboxConfig:
+    """The sandbox of a code task (its options ``timeout``, ``memory_mb``, ``sandbox_strict``)."""
+    return sandbox.SandboxConfig(timeout=float(timeout), memory_mb=int(memory_mb), strict=bool(sandbox_strict))
+
+
+def sandbox_preflight(task) -> list[str]:
+    """Before any work: a warning naming the sandbox layers this machine cannot give, or (with
+    ``sandbox_strict``) a ValueError."""
+    missing = sandbox.missing_layers(task.sandbox)
+    if not missing:
+        return []
+    msg = (f"task {task.name}: the code sandbox lacks {', '.join(missing)} on this machine, so generated "
+           f"code runs with weaker isolation (see eval.sandbox)")
+    if task.sandbox.strict:
+        raise ValueError(msg + "; task.sandbox_strict=true refuses to run")
+    return [msg + "; task.sandbox_strict=true makes this an error"]
+
+
 def exec_flags(program: str, cfg: sandbox.SandboxConfig) -> dict:
     """Run ``program`` in the sandbox: the score fields of a code task."""
     res = sandbox.run_program(program, cfg)
@@ -58,11 +76,11 @@ class HumanEvalTask(BenchmarkTask):
     version = "humaneval-v1"
 
     def __init__(self, variant: str = "instruct", postprocess: str = "sanitize", timeout: float = 10.0,
-                 memory_mb: int = 2048):
+                 memory_mb: int = 2048, sandbox_strict: bool = False):
         check_choice("humaneval", "variant", variant, ("completion", "instruct"))
         check_choice("humaneval", "postprocess", postprocess, ("sanitize", "none"))
         self.variant_name, self.postprocess = variant, postprocess
-        self.sandbox = sandbox.SandboxConfig(timeout=float(timeout), memory_mb=int(memory_mb))
+        self.sandbox = code_sandbox(timeout, memory_mb, sandbox_strict)
 
     @property
     def variant(self) -> str:
@@ -104,6 +122,9 @@ class HumanEvalTask(BenchmarkTask):
 
     def extract(self, completion: str) -> str:
         return self.body(completion)  # the program is prompt + this (then sanitised), + the tests
+
+    def preflight(self) -> list[str]:
+        return sandbox_preflight(self)
 
     def score(self, example: Example, completion: str) -> dict:
         return exec_flags(self.program(example, completion), self.sandbox)

@@ -26,11 +26,10 @@ if the model wrote one and keeps the definitions (:func:`eval.tasks.extract.sani
 """
 from __future__ import annotations
 
-from .. import sandbox
 from . import extract as X
 from .base import Example, register_task
 from .datafiles import load_records
-from .humaneval import exec_flags
+from .humaneval import code_sandbox, exec_flags, sandbox_preflight
 from .prompting import BenchmarkTask, Prompt, Shot, check_choice, fewshot_prompt
 
 __all__ = ["MBPPTask", "SHOT_IDS", "TEST_IDS", "doc_text"]
@@ -55,13 +54,13 @@ class MBPPTask(BenchmarkTask):
 
     def __init__(self, subset: str = "full", num_fewshot: int = 3, chat_template: bool = True,
                  fewshot_as_multiturn: bool = True, postprocess: str = "sanitize", timeout: float = 10.0,
-                 memory_mb: int = 2048):
+                 memory_mb: int = 2048, sandbox_strict: bool = False):
         check_choice("mbpp", "subset", subset, ("full", "sanitized"))
         check_choice("mbpp", "num_fewshot", num_fewshot, (0, 1, 2, 3))
         check_choice("mbpp", "postprocess", postprocess, ("sanitize", "none"))
         self.subset, self.num_fewshot, self.postprocess = subset, num_fewshot, postprocess
         self.chat, self.multiturn = bool(chat_template), bool(fewshot_as_multiturn)
-        self.sandbox = sandbox.SandboxConfig(timeout=float(timeout), memory_mb=int(memory_mb))
+        self.sandbox = code_sandbox(timeout, memory_mb, sandbox_strict)
 
     @property
     def variant(self) -> str:
@@ -95,6 +94,9 @@ class MBPPTask(BenchmarkTask):
 
     def program(self, example: Example, completion: str) -> str:
         return f"{self.extract(completion)}\n{example.meta['setup']}\n{example.answer}\n"
+
+    def preflight(self) -> list[str]:
+        return sandbox_preflight(self)
 
     def score(self, example: Example, completion: str) -> dict:
         return exec_flags(self.program(example, completion), self.sandbox)
