@@ -212,3 +212,16 @@ def test_a_strict_sandbox_refuses_to_run_weaker_than_asked():
         assert res.passed
     else:
         assert res.status == "error" and "strict" in res.stderr
+
+
+def test_code_tasks_warn_before_work_when_the_sandbox_is_weaker_and_strict_refuses(monkeypatch):
+    import eval.sandbox as sb
+
+    monkeypatch.setattr(sb, "missing_layers", lambda cfg=None: ["netns", "pidns"])
+    for task in (HumanEvalTask(), MBPPTask()):
+        (warning,) = task.preflight()
+        assert "lacks netns, pidns" in warning and "sandbox_strict" in warning
+    with pytest.raises(ValueError, match="sandbox_strict=true refuses"):
+        HumanEvalTask(sandbox_strict=True).preflight()
+    monkeypatch.setattr(sb, "missing_layers", lambda cfg=None: [])
+    assert HumanEvalTask(sandbox_strict=True).preflight() == []
