@@ -55,12 +55,12 @@ error).  For more, run the scorer in a VM that holds no secrets.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import os
 import resource
-import secrets
 import shutil
 import signal
 import stat
@@ -68,7 +68,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import itertools
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path

@@ -126,6 +126,14 @@ class Reporter:
         os.write(self.fd, f"{kind} {value}".replace("\n", " ").encode()[:4000] + b"\n")
 
 
+def die(report, msg, code):
+    """Report a set-up failure to the supervisor and end this stage."""
+    try:
+        report("error", msg)
+    finally:
+        os._exit(code)
+
+
 # ---- mounts ----------------------------------------------------------------------------------
 def rw_mounts():
     """(mount point, flags to keep) of every read-write mount, as mountinfo lists them."""
@@ -239,10 +247,7 @@ def stage_p(req, fds, report, prog):
         os.execve(req["python"], [req["python"], "-I", "-B", req["launcher"], "1" if req["guard"] else "0",
                                   req["program"]], req["env"])
     except BaseException as e:  # noqa: BLE001 - anything here is a setup failure
-        try:
-            report("error", f"starting the program: {e}")
-        finally:
-            os._exit(127)
+        die(report, f"starting the program: {e}", 127)
 
 
 def stage_g(req, fds, report, pidns, mntns, uid_after):
@@ -282,11 +287,8 @@ def stage_g(req, fds, report, pidns, mntns, uid_after):
                 report("pstatus", status)
                 break
         os._exit(0)
-    except BaseException as e:  # noqa: BLE001
-        try:
-            report("error", f"sandbox setup: {e}")
-        finally:
-            os._exit(126)
+    except BaseException as e:  # noqa: BLE001 - anything here is a setup failure
+        die(report, f"sandbox setup: {e}", 126)
 
 
 def stage_c(req, sync_r, ack_r, fds, report):
@@ -336,11 +338,8 @@ def stage_c(req, sync_r, ack_r, fds, report):
         os.read(ack_r, 1)
         os.waitpid(pid, 0)
         os._exit(0)
-    except BaseException as e:  # noqa: BLE001
-        try:
-            report("error", f"sandbox setup: {e}")
-        finally:
-            os._exit(126)
+    except BaseException as e:  # noqa: BLE001 - anything here is a setup failure
+        die(report, f"sandbox setup: {e}", 126)
 
 
 # ---- the supervisor --------------------------------------------------------------------------

@@ -148,7 +148,7 @@ def test_writes_outside_the_temporary_directory_are_refused(tmp_path, cfg):
                    f"import os\nfd = os.open({str(outside)!r}, os.O_WRONLY | os.O_CREAT)\nos.write(fd, b'x')",
                    f"import os\nos.remove({str(victim)!r})",
                    f"import pathlib\npathlib.Path({str(victim)!r}).write_text('gone')",
-                   f"import os\nos.chdir('..')\nopen('x.txt', 'w').write('x')"):
+                   "import os\nos.chdir('..')\nopen('x.txt', 'w').write('x')"):
         res = run(attack, cfg)
         assert res.status == "failed", (attack, res)
         assert not outside.exists() and victim.read_text() == "precious"
