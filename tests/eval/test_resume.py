@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from eval.rows import SAMPLES, SUMMARY, read_rows
 
@@ -57,6 +59,22 @@ def reference(model_dir, tmp_path_factory):
     return out
 
 
+@pytest.fixture
+def run_in_process():
+    """``eval.runner.run`` in this process.  It is the body of one ``python -m eval`` and sets that
+    process's global state: it seeds torch's and Python's global generators and sets torch's thread
+    count.  Here those are put back afterwards, so later tests do not inherit them."""
+    from eval.runner import run
+
+    state, threads = random.getstate(), torch.get_num_threads()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield run
+    finally:
+        random.setstate(state)
+        torch.set_num_threads(threads)
+
+
 def content(rows):
     return sorted(({k: r.get(k) for k in ROW_KEYS} for r in rows), key=lambda r: r["example_id"])
 
@@ -92,11 +110,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(model_dir, reference, tm
     assert same_summary(out, reference)
 
 
-def test_torn_last_line_reruns_that_example(model_dir, reference, tmp_path, caplog):
+def test_torn_last_line_reruns_that_example(model_dir, reference, tmp_path, caplog, run_in_process):
     """A kill mid-write leaves half a row: it is cut off with a warning and its example regenerated."""
     from hydra import compose, initialize_config_module
-
-    from eval.runner import run
 
     lines = (reference / SAMPLES).read_text().splitlines(keepends=True)
     out = tmp_path / "torn"
@@ -105,7 +121,7 @@ def test_torn_last_line_reruns_that_example(model_dir, reference, tmp_path, capl
     with initialize_config_module(config_module="eval.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides(model_dir))
     with caplog.at_level(logging.WARNING):
-        run(cfg, out)
+        run_in_process(cfg, out)
     assert any("torn" in m or "not a complete JSON row" in m for m in caplog.messages)
     text = (out / SAMPLES).read_text()
     assert text.startswith("".join(lines[:3])) and text.endswith("\n")
@@ -114,7 +130,7 @@ def test_torn_last_line_reruns_that_example(model_dir, reference, tmp_path, capl
     assert same_summary(out, reference)
 
 
-def test_same_config_twice_gives_identical_completions(model_dir, reference, tmp_path):
+def test_same_config_twice_gives_identical_completions(model_dir, reference, tmp_path, run_in_process):
     """In process, twice (the backbone is loaded once for both), and across processes."""
     from hydra import compose, initialize_config_module
 
@@ -122,9 +138,9 @@ def test_same_config_twice_gives_identical_completions(model_dir, reference, tmp
 
     with initialize_config_module(config_module="eval.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides(model_dir))
-    runner.run(cfg, tmp_path / "a")
+    run_in_process(cfg, tmp_path / "a")
     loads = runner.LOADS
-    runner.run(cfg, tmp_path / "b")
+    run_in_process(cfg, tmp_path / "b")
     assert runner.LOADS == loads  # the second run reused the cached backbone
     a, b = (read_rows(tmp_path / d / SAMPLES) for d in ("a", "b"))
     assert [r["completion"] for r in a] == [r["completion"] for r in b]
