@@ -3,6 +3,7 @@
 A run killed at any moment (SIGKILL, possibly mid-write) and restarted into the same directory
 loses no finished example, duplicates none, and ends with the rows and summary of an
 uninterrupted run, timing aside.  The same config run twice gives the same completions.
+The test with a real SIGKILL is ``slow`` (``python -m pytest -q -m slow tests/eval/test_resume.py``).
 """
 from __future__ import annotations
 
@@ -84,6 +85,11 @@ def same_summary(a_dir, b_dir):
     return {k: a.get(k) for k in SUMMARY_KEYS} == {k: b.get(k) for k in SUMMARY_KEYS}
 
 
+# slow (two more CLI processes, ~10 s, and it must kill between the first and the last row, which
+# a busy machine can miss): test_torn_last_line_reruns_that_example starts from what a SIGKILL
+# leaves behind (finished rows, a torn last row, no summary) and checks the same final rows and
+# summary, and tests/eval/test_cli.py::test_rerun_resumes_without_duplicates reruns into a directory
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(model_dir, reference, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen(command(model_dir, out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
