@@ -7,7 +7,6 @@ slots alone got wrong (the slots between a changed token and the lanes kept K/V 
 the old token in context).
 """
 import pytest
-import torch
 
 from asynclane.loading import load_backbone
 from asynclane.sampler import first_eos_cut
@@ -22,7 +21,8 @@ PROBLEMS = {"arith": [2, 6, 9, 27, 28], "listops": [3, 7, 14, 17]}
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.set_num_threads(2)
+    # one thread, as every test (tests/conftest.py): this fixture once set two and never restored
+    # them, so every later module ran on two threads (state_guard.py now fails such a leak)
     return load_backbone()
 
 

@@ -3,12 +3,14 @@
 A run killed at any moment (SIGKILL, possibly mid-write) and restarted into the same directory
 loses no finished example, duplicates none, and ends with the rows and summary of an
 uninterrupted run, timing aside.  The same config run twice gives the same completions.
+The test with a real SIGKILL is ``slow`` (``python -m pytest -q -m slow tests/eval/test_resume.py``).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -16,6 +18,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from eval.rows import SAMPLES, SUMMARY, read_rows
 
@@ -57,6 +60,22 @@ def reference(model_dir, tmp_path_factory):
     return out
 
 
+@pytest.fixture
+def run_in_process():
+    """``eval.runner.run`` in this process.  It is the body of one ``python -m eval`` and sets that
+    process's global state: it seeds torch's and Python's global generators and sets torch's thread
+    count.  Here those are put back afterwards, so later tests do not inherit them."""
+    from eval.runner import run
+
+    state, threads = random.getstate(), torch.get_num_threads()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield run
+    finally:
+        random.setstate(state)
+        torch.set_num_threads(threads)
+
+
 def content(rows):
     return sorted(({k: r.get(k) for k in ROW_KEYS} for r in rows), key=lambda r: r["example_id"])
 
@@ -66,6 +85,11 @@ def same_summary(a_dir, b_dir):
     return {k: a.get(k) for k in SUMMARY_KEYS} == {k: b.get(k) for k in SUMMARY_KEYS}
 
 
+# slow (two more CLI processes, ~10 s, and it must kill between the first and the last row, which
+# a busy machine can miss): test_torn_last_line_reruns_that_example starts from what a SIGKILL
+# leaves behind (finished rows, a torn last row, no summary) and checks the same final rows and
+# summary, and tests/eval/test_cli.py::test_rerun_resumes_without_duplicates reruns into a directory
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(model_dir, reference, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen(command(model_dir, out), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -92,11 +116,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(model_dir, reference, tm
     assert same_summary(out, reference)
 
 
-def test_torn_last_line_reruns_that_example(model_dir, reference, tmp_path, caplog):
+def test_torn_last_line_reruns_that_example(model_dir, reference, tmp_path, caplog, run_in_process):
     """A kill mid-write leaves half a row: it is cut off with a warning and its example regenerated."""
     from hydra import compose, initialize_config_module
-
-    from eval.runner import run
 
     lines = (reference / SAMPLES).read_text().splitlines(keepends=True)
     out = tmp_path / "torn"
@@ -105,7 +127,7 @@ def test_torn_last_line_reruns_that_example(model_dir, reference, tmp_path, capl
     with initialize_config_module(config_module="eval.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides(model_dir))
     with caplog.at_level(logging.WARNING):
-        run(cfg, out)
+        run_in_process(cfg, out)
     assert any("torn" in m or "not a complete JSON row" in m for m in caplog.messages)
     text = (out / SAMPLES).read_text()
     assert text.startswith("".join(lines[:3])) and text.endswith("\n")
@@ -114,7 +136,7 @@ def test_torn_last_line_reruns_that_example(model_dir, reference, tmp_path, capl
     assert same_summary(out, reference)
 
 
-def test_same_config_twice_gives_identical_completions(model_dir, reference, tmp_path):
+def test_same_config_twice_gives_identical_completions(model_dir, reference, tmp_path, run_in_process):
     """In process, twice (the backbone is loaded once for both), and across processes."""
     from hydra import compose, initialize_config_module
 
@@ -122,9 +144,9 @@ def test_same_config_twice_gives_identical_completions(model_dir, reference, tmp
 
     with initialize_config_module(config_module="eval.conf", version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides(model_dir))
-    runner.run(cfg, tmp_path / "a")
+    run_in_process(cfg, tmp_path / "a")
     loads = runner.LOADS
-    runner.run(cfg, tmp_path / "b")
+    run_in_process(cfg, tmp_path / "b")
     assert runner.LOADS == loads  # the second run reused the cached backbone
     a, b = (read_rows(tmp_path / d / SAMPLES) for d in ("a", "b"))
     assert [r["completion"] for r in a] == [r["completion"] for r in b]
