@@ -159,7 +159,7 @@ def one_line_errors():
 
 def error_line(e: BaseException) -> Optional[str]:
     """The one line (without ``error: ``) for an expected error; ``None`` for anything else."""
-    from hydra.errors import HydraException, MissingConfigException
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 
     from .tasks.datafiles import DataFileError
 
@@ -167,6 +167,8 @@ def error_line(e: BaseException) -> Optional[str]:
         msg = str(e)
     elif isinstance(e, MissingConfigException) and e.options:  # an unknown group choice
         msg = f"{str(e).splitlines()[0]}; valid choices: {', '.join(e.options)}"
+    elif isinstance(e, OverrideParseException):
+        msg = f"cannot parse the override {e.override!r}: {e.message}"
     elif isinstance(e, HydraException):
         cause, parent = e.__cause__, getattr(e.__cause__, "parent_node", None)
         full_key = getattr(cause, "full_key", None)
