@@ -252,14 +252,15 @@ def _checkpoint_errors(model: dict):
     try:
         yield
     except (CheckpointNotFound, CheckpointError) as e:
-        hint = ""
-        if isinstance(e, CheckpointNotFound):
-            hub_id = preset("model", model["name"]).get("path", "unknown")
+        name, hint = model["name"], ""
+        shipped = preset("model", name)  # the preset as shipped: its path is the model's hub id
+        if isinstance(e, CheckpointNotFound) and shipped:
+            hub_id = shipped.get("path")
             if hub_id is None:
-                hint = f"; model={model['name']} ships in the package: leave model.path unset (null)"
-            elif hub_id != "unknown" and f"hf download {hub_id}" not in str(e):
-                hint = f"; for model={model['name']}: `hf download {hub_id} --local-dir DIR`, then model.path=DIR"
-        raise UsageError(f"model={model['name']}: {e}{hint}") from e
+                hint = f"; model={name} ships in the package: leave model.path unset (null)"
+            elif f"hf download {hub_id}" not in str(e):
+                hint = f"; for model={name}: `hf download {hub_id} --local-dir DIR`, then model.path=DIR"
+        raise UsageError(f"model={name}: {e}{hint}") from e
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
