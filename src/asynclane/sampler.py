@@ -95,7 +95,8 @@ def register(name: str) -> Callable[[type], type]:
 
 
 def build_sampler(name: str, **options: Any):
-    """Instantiate a registered sampler; unknown names or options fail with the valid choices.
+    """Instantiate a registered sampler; unknown names or options fail with the valid choices, and
+    an option of the wrong type (``block_length='abc'``) with its name and the type it needs.
 
     The registry holds what has been imported: ``asynclane`` registers its own samplers, and
     ``import baselines`` registers every competing one (the harness does both).
