@@ -434,7 +434,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lengths", default="64,128,256", help="gen_length values (default: 64,128,256)")
     ap.add_argument("--limit", default="100", help="examples per run, the first ones; 'null': whole pool (default 100)")
     ap.add_argument("--seed", type=int, default=0, help="one seed for every run (default 0)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the harness's auto rule, threads=null)")
     ap.add_argument("--model", default="tiny", help="model preset (default tiny)")
     ap.add_argument("--out", type=Path, default=Path("results/benchmark"), help="default results/benchmark")
     ap.add_argument("--extra", nargs="*", default=[], metavar="KEY=VALUE",
@@ -529,7 +529,7 @@ def main(argv=None) -> int:
     note = (f"Model `{a.model}`, seed {a.seed}, the first {a.limit if a.limit is not None else 'all'} examples per "
             f"task, the same for every sampler; each sampler's preset defaults; overrides for all: "
             f"`{' '.join(a.extra) or 'none'}`. Device: {first.get('device_name')} ({first.get('device')}, "
-            f"{first.get('cpu_threads')} CPU threads). {len(runs)} runs, {time.perf_counter() - t_all:.0f}s. "
+            f"{first.get('threads', first.get('cpu_threads'))} CPU threads). {len(runs)} runs, {time.perf_counter() - t_all:.0f}s. "
             f"Run directories: `{a.out / 'runs'}`; eval.report outputs: `{a.out / 'report'}`.")
     text = render(cmd, results, ablations, thresholds, note)
     if cost is not None:

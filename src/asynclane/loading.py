@@ -25,7 +25,18 @@ EXTRA_EOS_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|eot|>")
 
 
 class CheckpointNotFound(FileNotFoundError):
-    pass
+    """No checkpoint where one was asked for (the message says how to get one)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that exists but cannot be loaded: unreadable config.json, an unknown schema,
+    a truncated or corrupted safetensors file, tensors of the wrong shape or missing."""
+
+
+class MissingTensors(CheckpointError, KeyError):
+    """A :class:`CheckpointError` that is also a ``KeyError`` (a checkpoint lacking parameters)."""
+
+    __str__ = ValueError.__str__  # KeyError would quote the message
 
 
 def resolve_dtype(dtype) -> torch.dtype:
@@ -36,10 +47,30 @@ def resolve_dtype(dtype) -> torch.dtype:
     return DTYPES[str(dtype)]
 
 
+DEVICES = "auto, cpu, cuda, cuda:N"
+
+
 def resolve_device(device) -> torch.device:
+    """``auto`` (cuda when available), ``cpu``, ``cuda`` or ``cuda:N``; anything else, or a CUDA
+    device this torch or machine cannot give, is a ValueError naming what is valid here."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        d = device if isinstance(device, torch.device) else torch.device(str(device))
+    except (RuntimeError, ValueError):
+        d = None
+    if d is None or d.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; valid choices: {DEVICES}")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (f"this torch ({torch.__version__}) was built without CUDA" if torch.version.cuda is None
+                   else "no CUDA GPU is visible (torch.cuda.is_available() is False)")
+            raise ValueError(f"device {device!r} is not available: {why}; valid here: auto, cpu")
+        n = torch.cuda.device_count()
+        if d.index is not None and d.index >= n:
+            raise ValueError(f"device {device!r} is not available: {n} CUDA device(s) visible; "
+                             f"valid here: auto, cpu, cuda, cuda:0..cuda:{n - 1}")
+    return d
 
 
 def _local_dir(path_or_hub_id: Union[str, os.PathLike]) -> Path:
@@ -54,9 +85,8 @@ def _local_dir(path_or_hub_id: Union[str, os.PathLike]) -> Path:
     name = str(path_or_hub_id)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise CheckpointNotFound(f"checkpoint directory {name!r} does not exist; pass an existing local "
-                                 "directory holding config.json and *.safetensors (model.path=DIR), e.g. "
-                                 "one written by `hf download GSAI-ML/LLaDA-8B-Instruct --local-dir DIR`, "
-                                 "or a hub id such as GSAI-ML/LLaDA-8B-Instruct")
+                                 "directory holding config.json and *.safetensors (model.path=DIR), as "
+                                 "`hf download OWNER/NAME --local-dir DIR` writes one, or a hub id OWNER/NAME")
     try:  # a hub id: use the local HF cache, download only when a network exists
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model",
@@ -94,23 +124,30 @@ def _fill_from_shards(model: Transformer, ckpt: Path) -> None:
     """Copy official-name tensors into ``model`` shard by shard (peak memory: model + one shard)."""
     from safetensors import safe_open
 
+    from safetensors import SafetensorError
+
     native = {o: n for n, o in official_names(model.cfg).items()}
     params = dict(model.named_parameters())
     seen = set()
     with torch.no_grad():
         for f in shard_files(ckpt):
-            with safe_open(str(f), framework="pt") as fh:
-                for key in fh.keys():
-                    if key not in native:
-                        continue  # e.g. rotary buffers some exports carry
-                    p, t = params[native[key]], fh.get_tensor(key)
-                    if p.shape != t.shape:
-                        raise ValueError(f"{ckpt}: {key} has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
-                    p.copy_(t)
-                    seen.add(key)
+            try:
+                with safe_open(str(f), framework="pt") as fh:
+                    for key in fh.keys():
+                        if key not in native:
+                            continue  # e.g. rotary buffers some exports carry
+                        p, t = params[native[key]], fh.get_tensor(key)
+                        if p.shape != t.shape:
+                            raise CheckpointError(f"{ckpt}: {key} has shape {tuple(t.shape)}, "
+                                                  f"expected {tuple(p.shape)}")
+                        p.copy_(t)
+                        seen.add(key)
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{f} is not a readable safetensors file ({e}); it is truncated or "
+                                      "corrupted: download the checkpoint again") from e
     missing = [o for o in native if o not in seen]
     if missing:
-        raise KeyError(f"{ckpt}: checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
+        raise MissingTensors(f"{ckpt}: checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")
 
 
 def checkpoint_id(path_or_hub_id) -> str:
@@ -176,8 +213,15 @@ def load_backbone(path_or_hub_id: Union[str, os.PathLike] = TINY_DIR, *, dtype=N
     torch dtype or one of fp32/bf16/fp16 (default fp32); device: ``auto`` (cuda when available).
     """
     ckpt = _local_dir(path_or_hub_id)
-    raw = json.loads((ckpt / "config.json").read_text())
-    cfg = config_from_official(raw)
+    try:
+        raw = json.loads((ckpt / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{ckpt / 'config.json'} is not readable JSON ({e}); restore the "
+                              "checkpoint's official config.json") from e
+    try:
+        cfg = config_from_official(raw)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{ckpt / 'config.json'}: {e.args[0] if e.args else e}") from e
     with torch.device("meta"):
         model = Transformer(cfg)
     # allocate once, directly in the target dtype/device; Transformer._apply keeps RoPE in fp32

@@ -11,6 +11,8 @@ Registry: the :func:`register` decorator; importing a sampler's module registers
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional, Protocol, Sequence, runtime_checkable
 
@@ -93,7 +95,8 @@ def register(name: str) -> Callable[[type], type]:
 
 
 def build_sampler(name: str, **options: Any):
-    """Instantiate a registered sampler; unknown names or options fail with the valid choices.
+    """Instantiate a registered sampler; unknown names or options fail with the valid choices, and
+    an option of the wrong type (``block_length='abc'``) with its name and the type it needs.
 
     The registry holds what has been imported: ``asynclane`` registers its own samplers, and
     ``import baselines`` registers every competing one (the harness does both).
@@ -106,7 +109,31 @@ def build_sampler(name: str, **options: Any):
     bad = sorted(set(options) - valid)
     if bad:
         raise ValueError(f"sampler {name!r} has no option(s) {bad}; valid options: {', '.join(sorted(valid))}")
+    hints = typing.get_type_hints(cls.Config)
+    for key, value in options.items():
+        if not _fits(value, hints.get(key)):
+            raise ValueError(f"sampler {name!r}: {key} must be {_describe(hints[key])}, got {value!r}")
     return cls(cls.Config(**options))
+
+
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` has the scalar type a config field declares (other hints: the config's checks)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(hint))
+    if hint is bool or hint is str or hint is type(None):
+        return isinstance(value, hint)
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    return _KINDS.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def left_pad(prompts: Sequence[Sequence[int]], gen_length: int, pad_id: int, mask_id: int,

@@ -17,7 +17,8 @@ SAMPLES, SUMMARY, TRACES = "samples.jsonl", "summary.json", "traces.jsonl"
 
 CONVENTIONS = {
     "gen_tokens": "generated tokens up to and including the first EOS-like token, prompt excluded",
-    "tps": "sum gen_tokens / sum generate seconds over non-warm-up rows (each batch once)",
+    "tps": "sum gen_tokens / sum generate seconds over non-warm-up rows (each batch once) of one torch "
+           "thread count (`threads`; with rows of several, the most common, each in `tps_by_threads`)",
     "tps_budget": "gen_length tokens per example / the same seconds (all-budget convention)",
     "nfe": "model forward calls per generate call (batch value on each row)",
     "tokens_per_nfe": "sum gen_tokens / sum nfe",
@@ -70,6 +71,9 @@ def summarize(rows: list[dict]) -> dict:
     tps: generated tokens (to the first EOS, inclusive) / generate seconds, warm-up rows
     excluded, each batch's seconds counted once.  tps_budget: the all-budget convention some
     papers use, ``gen_length`` tokens per example over the same seconds; labelled, never mixed.
+    Timing never blends processes with different torch thread counts (a resume with another
+    ``threads``): the timing aggregates use the rows of one count, ``threads`` (the one with the
+    most timed rows, ties to the latest), and ``tps_by_threads`` gives each count's tps.
     """
     import pandas as pd
 
@@ -77,14 +81,26 @@ def summarize(rows: list[dict]) -> dict:
         return {"n": 0, "accuracy": None}
     df = pd.DataFrame(rows)
     timed = df[~df["warmup"].astype(bool)]
-    secs = timed.drop_duplicates("batch")["seconds"].sum() if len(timed) else 0.0
+    threads, by_threads = None, {}
+    if "threads" in df and len(timed):
+        label = timed["threads"].map(lambda v: "unrecorded" if pd.isna(v) else str(int(v)))
+        groups = dict(list(timed.groupby(label, sort=False)))
+        pick = max(groups, key=lambda k: (len(groups[k]), groups[k].index.max()))
+        if len(groups) > 1:
+            by_threads = {k: _rate(g, "gen_tokens") for k, g in sorted(groups.items())}
+            log.warning("timed rows come from processes with different torch thread counts (%s): tps is over "
+                        "the %d rows at threads=%s; tps_by_threads has each",
+                        ", ".join(f"{k}: {len(g)} rows" for k, g in sorted(groups.items())), len(groups[pick]), pick)
+        timed, threads = groups[pick], None if pick == "unrecorded" else int(pick)
     flags = [c for c in df.columns if df[c].dtype == bool and c not in ("warmup", "finished")]
     out: dict[str, Any] = {
         "n": int(len(df)), "n_timed": int(len(timed)), "accuracy": float(df["correct"].mean()),
         **{f"accuracy_{c}": float(df[c].mean()) for c in flags if c != "correct"},
         "finished_rate": float(df["finished"].mean()),
-        "tps": float(timed["gen_tokens"].sum() / secs) if secs > 0 else None,
-        "tps_budget": float(timed["gen_length"].sum() / secs) if secs > 0 else None,
+        "tps": _rate(timed, "gen_tokens"),
+        "tps_budget": _rate(timed, "gen_length"),
+        "threads": threads,
+        **({"tps_by_threads": by_threads} if by_threads else {}),
         "nfe_mean": float(df["nfe"].mean()),
         "token_forwards_mean": float(df["token_forwards"].mean()),
         "tokens_per_nfe": float(df["gen_tokens"].sum() / df["nfe"].sum()) if df["nfe"].sum() else None,
@@ -97,6 +113,12 @@ def summarize(rows: list[dict]) -> dict:
     if not len(timed):
         log.warning("every row is a warm-up row: no timing aggregates (raise limit or set warmup=0)")
     return out
+
+
+def _rate(timed, tokens: str):
+    """Sum ``tokens`` / sum seconds (each batch once), or None without timed seconds."""
+    secs = timed.drop_duplicates("batch")["seconds"].sum() if len(timed) else 0.0
+    return float(timed[tokens].sum() / secs) if secs > 0 else None
 
 
 def write_rows(f, rows: list[dict]) -> None:

@@ -14,14 +14,17 @@ Per-row work numbers: ``nfe``, ``token_forwards`` and ``seconds`` are those of t
 that produced the row.  With ``batch_size`` > 1 every row of a batch carries its batch's values
 (and the same ``batch`` key), so per-row means read as "per generate call"; the summary counts
 each batch's seconds once.  The first ``warmup`` examples a process generates are scored but
-excluded from timing (``warmup: true`` rows); a resumed run warms up again.
+excluded from timing (``warmup: true`` rows); a resumed run warms up again.  Each row records
+the torch CPU ``threads`` of the process that made it (``threads=null``: :func:`choose_threads`).
 
 Resume: rows carry a ``fingerprint`` of everything that decides their content (model, dtype,
 device, sampler options, task and version, seed, batch size).  A rerun in the same directory
 skips the example ids already present with the same fingerprint; rows of other fingerprints are
 kept in the file but ignored.  Each batch's rows go out in one write, so a kill leaves whole rows
-and at most one torn last line, which the next run cuts off (that example reruns).  At
-temperature 0 a killed-and-resumed run's rows equal an uninterrupted run's (timing aside).
+and at most one torn last line, which the next run cuts off (that example reruns).  Batches are
+fixed chunks of the example list, so a batch cut short is regenerated whole (the same prompts and
+generator) and only its missing rows are written.  At temperature 0 on a CPU a killed-and-resumed
+run's rows, and so its summary, equal an uninterrupted run's, timing aside, at any batch size.
 ``summary.json`` is computed from the rows alone (:func:`eval.rows.summarize`, pandas).
 
 Backbones are cached by (path, dtype, device) for the process: a Hydra multirun loads each
@@ -36,6 +39,7 @@ import platform
 import random
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -43,10 +47,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import baselines  # noqa: F401  (importing registers every competing sampler)
-from asynclane import CheckpointNotFound, CountingBackbone, build_sampler, load_backbone
+from asynclane import CheckpointError, CheckpointNotFound, CountingBackbone, build_sampler, load_backbone
 from asynclane.loading import TINY_DIR, checkpoint_id, resolve_device, resolve_dtype
 from asynclane.sampler import first_eos_cut
 
+from .cli import UsageError, check_keys, check_output_dir, preset
 from .rows import SAMPLES, SUMMARY, TRACES, Appender, read_rows, summarize, write_rows
 from .tasks import build_task
 
@@ -58,53 +63,66 @@ _appender = Appender  # the name tests/eval/test_cli.py knows
 FINGERPRINT_KEYS = ("model", "sampler", "task", "seed", "batch_size", "dtype", "device")
 # task keys that only choose which examples run (ids are stable), not what a row holds
 SELECTION_KEYS = ("limit", "n")
-
-
-class UsageError(ValueError):
-    """A bad configuration value; the message names the value and the valid choices."""
+# threads=null (auto) on a CPU: one thread below this many parameters (the tiny model has 3.5M), whose
+# matmuls are too small to gain much from more, and whose extra threads stall whenever other work
+# holds a core (tiny, L=128, 2 cores, one other busy process: 24 TPS on 1 thread, 4.8 on 2)
+SMALL_MODEL_PARAMS = 100_000_000
+TORCH_THREADS = torch.get_num_threads()  # torch's default in this process, before any run sets its own
+PROGRESS_SECONDS = 60.0  # a progress line at least this often (besides the first example and each ~10%)
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
     """Evaluate ``cfg`` (the composed config of conf/config.yaml), writing into ``out_dir``."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out_dir)
     conf = OmegaConf.to_container(cfg, resolve=True)
+    check_keys(conf)
     _check_top_level(conf)
     task = _build_task(conf["task"])
     sampler_name, sampler = _build_sampler(conf["sampler"])
     if int(conf["batch_size"]) > 1 and not getattr(sampler, "can_batch", True):
         raise UsageError(f"sampler {sampler_name!r} decodes one prompt per call (can_batch = False); "
                          f"use batch_size=1, got batch_size={conf['batch_size']}")
-    device = resolve_device(conf["device"])
-    conf["device"] = str(device)
     try:
+        device = resolve_device(conf["device"])
         dtype = resolve_dtype(conf["dtype"])
     except ValueError as e:
-        raise UsageError(str(e)) from None
-    # the weights' identity is part of the fingerprint: rows from other weights are never resumed
-    conf["model"]["checkpoint_id"] = checkpoint_id(conf["model"].get("path") or TINY_DIR)
+        raise UsageError(str(e)) from e
+    conf["device"] = str(device)
+    model = conf["model"]
+    with _checkpoint_errors(model):  # the weights' identity is part of the fingerprint: rows from
+        model["checkpoint_id"] = checkpoint_id(model.get("path") or TINY_DIR)  # other weights never resume
     fingerprint = _fingerprint(conf)
     seed = int(conf["seed"])
     random.seed(seed)
     torch.manual_seed(seed)
-    if conf.get("threads"):
-        torch.set_num_threads(int(conf["threads"]))
 
     examples = task.examples(conf["limit"], seed, conf["limit_mode"])
     samples = out_dir / SAMPLES
     done = {r["example_id"] for r in read_rows(samples) if r.get("fingerprint") == fingerprint}
-    todo = [ex for ex in examples if ex.id not in done]
-    log.info("%s: %d examples, %d already in %s, %d to run", task.name, len(examples), len(examples) - len(todo),
-             samples, len(todo))
+    # batches are fixed chunks of the example list: a resumed run regenerates a batch cut short by a
+    # kill whole (same prompts, same generator), writing only its missing rows
+    bs = int(conf["batch_size"])
+    todo = [b for b in (examples[i: i + bs] for i in range(0, len(examples), bs)) if any(ex.id not in done for ex in b)]
+    n_todo = sum(ex.id not in done for b in todo for ex in b)
+    log.info("%s: %d examples, %d already in %s, %d to run", task.name, len(examples), len(examples) - n_todo,
+             samples, n_todo)
 
     if todo:
-        backbone = cached_backbone(conf["model"]["name"], conf["model"].get("path") or TINY_DIR, dtype, device)
+        with _checkpoint_errors(model):
+            backbone = cached_backbone(model["name"], model.get("path") or TINY_DIR, dtype, device)
+        threads = choose_threads(conf.get("threads"), backbone)
         options = {k: v for k, v in conf["sampler"].items() if k not in ("name", "gen_length")}
         common = {"task": task.name, "task_version": task.version, "task_variant": getattr(task, "variant", ""),
                   "sampler": sampler_name, "sampler_options": options,
-                  "model": conf["model"]["name"], "gen_length": sampler.cfg.gen_length, "seed": seed,
-                  "batch_size": int(conf["batch_size"]), "fingerprint": fingerprint}
-        _generate_all(task, sampler, backbone, todo, conf, common, samples)
+                  "model": model["name"], "gen_length": sampler.cfg.gen_length, "seed": seed,
+                  "batch_size": bs, "fingerprint": fingerprint, "threads": threads}
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            _generate_all(task, sampler, backbone, todo, done, conf, common, samples)
+        finally:
+            torch.set_num_threads(before)  # a process-wide setting: leave it as found
 
     ids, rows = {ex.id for ex in examples}, {}
     for r in read_rows(samples):  # first row per example id (a resumed run never writes a second)
@@ -121,22 +139,41 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     return summary
 
 
-def _generate_all(task, sampler, backbone, todo, conf, common, samples: Path) -> None:
+def choose_threads(requested, backbone) -> int:
+    """``threads``, or for ``null`` (auto): 1 for a model under :data:`SMALL_MODEL_PARAMS` parameters
+    on a CPU, otherwise torch's default (:data:`TORCH_THREADS`)."""
+    if requested:
+        return int(requested)
+    small = sum(p.numel() for p in backbone.model.parameters()) < SMALL_MODEL_PARAMS
+    return 1 if backbone.device.type == "cpu" and small else TORCH_THREADS
+
+
+def progress_due(done: int, prev: int, total: int, since_last: float) -> bool:
+    """Whether to log a progress line after ``prev`` -> ``done`` of ``total`` examples: after the
+    first batch, at each ~10%, at the end, and when :data:`PROGRESS_SECONDS` passed since the last."""
+    every = max(1, total // 10)
+    return prev == 0 or done >= total or done // every > prev // every or since_last >= PROGRESS_SECONDS
+
+
+def _generate_all(task, sampler, backbone, todo, skip, conf, common, samples: Path) -> None:
+    """Generate the batches ``todo``, appending the rows of examples not in ``skip``."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     counter = CountingBackbone(backbone)
     tok, eos_ids = backbone.tokenizer, backbone.spec.eos_ids
-    bs, warm_left = int(conf["batch_size"]), int(conf["warmup"])
+    warm_left = int(conf["warmup"])
     on_cuda = backbone.device.type == "cuda"
-    done, n_correct, every = 0, 0, max(1, len(todo) // 10)  # a log line each ~10% (no tty: no bar)
-    timed_tokens, timed_secs = 0, 0.0  # for the bar's live TPS (the summary recomputes from rows)
-    # on a terminal: a bar with live accuracy and TPS, log lines printed above it (and into eval.log)
+    total = sum(ex.id not in skip for batch in todo for ex in batch)
+    done, n_correct, last_line = 0, 0, time.monotonic()
+    timed_tokens, timed_secs = 0, 0.0  # for the live TPS (the summary recomputes from rows)
+    # on a terminal: a bar with live accuracy and TPS, log lines printed above it; otherwise (no bar) the
+    # log lines alone, to the console and eval.log: after the first batch, each ~10%, at least once a minute
     with Appender(samples) as out, logging_redirect_tqdm(), \
-            tqdm(total=len(todo), desc=f"{common['sampler']}/{task.name}", unit="ex", disable=None,
+            tqdm(total=total, desc=f"{common['sampler']}/{task.name}", unit="ex", disable=None,
                  dynamic_ncols=True) as bar:
-        for start in range(0, len(todo), bs):
-            batch = todo[start: start + bs]
+        log.info("%d examples to run with %d torch thread(s) on %s", total, common["threads"], backbone.device)
+        for batch in todo:
             prompts = [task.build_prompt(tok, ex) for ex in batch]
             # one generator per call, seeded by (seed, first example id): resumes reproduce
             rng = torch.Generator(device=backbone.device).manual_seed(_derive_seed(common["seed"], batch[0].id))
@@ -160,20 +197,22 @@ def _generate_all(task, sampler, backbone, todo, conf, common, samples: Path) ->
                              "gen_tokens": len(cut), "prompt_tokens": len(prompt), "finished": bool(fin),
                              "nfe": counter.nfe, "token_forwards": counter.token_forwards, "seconds": seconds,
                              "warmup": warm, "batch": f"{common['fingerprint']}:{batch[0].id}"})
+            if not warm:
+                timed_tokens += sum(r["gen_tokens"] for r in rows)
+                timed_secs += seconds
+            rows = [r for r in rows if r["example_id"] not in skip]  # a cut-short batch: its missing rows
             write_rows(out, rows)  # the batch in one write: a kill keeps whole rows (+ a torn tail)
             if conf.get("save_traces") and gen.trace is not None:
                 _save_trace(samples.parent / TRACES, batch, gen)
             n_correct += sum(bool(r["correct"]) for r in rows)
-            if not warm:
-                timed_tokens += sum(r["gen_tokens"] for r in rows)
-                timed_secs += seconds
-            done += len(batch)
-            bar.set_postfix(acc=f"{n_correct / done:.3f}",
-                            tps=f"{timed_tokens / timed_secs:.1f}" if timed_secs else "warm-up", refresh=False)
-            bar.update(len(batch))
-            if done // every > (done - len(batch)) // every or done == len(todo):
-                log.info("%d/%d done, accuracy so far %.3f, TPS %s", done, len(todo), n_correct / done,
-                         f"{timed_tokens / timed_secs:.1f}" if timed_secs else "n/a (warm-up)")
+            prev, done = done, done + len(rows)
+            tps = f"{timed_tokens / timed_secs:.1f}" if timed_secs else None
+            bar.set_postfix(acc=f"{n_correct / max(done, 1):.3f}", tps=tps or "warm-up", refresh=False)
+            bar.update(len(rows))
+            if progress_due(done, prev, total, time.monotonic() - last_line):
+                last_line = time.monotonic()
+                log.info("%d/%d done, accuracy so far %.3f, TPS %s", done, total, n_correct / max(done, 1),
+                         tps or "n/a (warm-up)")
 
 
 def _save_trace(path: Path, batch, gen) -> None:
@@ -190,6 +229,7 @@ LOADS = 0
 
 
 def cached_backbone(name: str, path, dtype: torch.dtype, device: torch.device):
+    """The loaded backbone of (path, dtype, device), loading it the first time."""
     global LOADS
     key = (str(Path(path).resolve()) if Path(path).exists() else str(path), str(dtype), str(device))
     if key in _BACKBONES:
@@ -205,6 +245,24 @@ def cached_backbone(name: str, path, dtype: torch.dtype, device: torch.device):
     return backbone
 
 
+@contextmanager
+def _checkpoint_errors(model: dict):
+    """A missing or unreadable checkpoint as a :class:`UsageError` naming the model, and for a
+    missing one, how to get the model preset's checkpoint."""
+    try:
+        yield
+    except (CheckpointNotFound, CheckpointError) as e:
+        name, hint = model["name"], ""
+        shipped = preset("model", name)  # the preset as shipped: its path is the model's hub id
+        if isinstance(e, CheckpointNotFound) and shipped:
+            hub_id = shipped.get("path")
+            if hub_id is None:
+                hint = f"; model={name} ships in the package: leave model.path unset (null)"
+            elif f"hf download {hub_id}" not in str(e):
+                hint = f"; for model={name}: `hf download {hub_id} --local-dir DIR`, then model.path=DIR"
+        raise UsageError(f"model={name}: {e}{hint}") from e
+
+
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
     import transformers
 
@@ -214,7 +272,7 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
         name = _cpu_name()
     return {"device": str(device), "device_name": name, "dtype": str(dtype).replace("torch.", ""),
             "torch_version": torch.__version__, "transformers_version": transformers.__version__,
-            "python_version": platform.python_version(), "cpu_threads": torch.get_num_threads(),
+            "python_version": platform.python_version(),
             "git_commit": _git("rev-parse", "HEAD"), "git_dirty": _git_dirty()}
 
 

@@ -230,6 +230,32 @@ def test_unknown_dtype():
         loading.resolve_dtype("int4")
 
 
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_corrupted_safetensors_names_the_file(saved, tmp_path, how):
+    _, out = saved
+    for f in out.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    shard = sorted(tmp_path.glob("*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2] if how == "truncated" else b"\xff" * 64)
+    with pytest.raises(loading.CheckpointError, match=f"{shard} is not a readable safetensors file.*corrupted"):
+        load_backbone(tmp_path)
+
+
+def test_unknown_device_lists_the_valid_ones():
+    assert loading.resolve_device("cpu") == torch.device("cpu")
+    for bad in ("tpu", "mps:x", "meta"):
+        with pytest.raises(ValueError, match=f"unknown device '{bad}'; valid choices: auto, cpu, cuda, cuda:N"):
+            loading.resolve_device(bad)
+
+
+def test_cuda_device_without_cuda_says_so(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device 'cuda:0' is not available: .*; valid here: auto, cpu"):
+        loading.resolve_device("cuda:0")
+    assert loading.resolve_device("auto") == torch.device("cpu")
+
+
 def test_checkpoint_id_follows_the_weights_not_the_directory(tmp_path):
     import torch
 

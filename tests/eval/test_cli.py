@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -157,3 +158,161 @@ def test_save_traces_writes_one_record_per_generate_call(tmp_path):
     for rec, row in zip(recs, rows):
         assert isinstance(rec["trace"], list) and rec["trace"]
         assert len(rec["trace"]) == row["nfe"]  # AsyncLane: one batched model call per iteration
+
+
+# ------------------------------------------------ every bad input: one `error:` line, exit status 2
+
+def one_error_line(res: subprocess.CompletedProcess) -> str:
+    assert res.returncode == 2, res.stderr[-3000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-3000:]
+    return lines[0]
+
+
+def _bad_dirs(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "rows_dir" / SAMPLES).mkdir(parents=True)
+    return {"sys": "/sys/asynclane_eval_out", "file_parent": tmp_path / "a_file" / "out", "rows_dir": tmp_path / "rows_dir"}
+
+
+@pytest.mark.parametrize("case, says", [
+    ("sys", "cannot write the output directory /sys/asynclane_eval_out ("),
+    ("file_parent", "a_file is a file"),
+    ("rows_dir", f"{SAMPLES} (Is a directory)"),
+])
+def test_unwritable_output_directory_is_one_line(tmp_path, case, says):
+    if case == "sys" and not os.path.isdir("/sys"):
+        pytest.skip("no /sys here")
+    out = _bad_dirs(tmp_path)[case]
+    line = one_error_line(run_eval("limit=1", *FAST, f"hydra.run.dir={out}"))
+    assert says in line and "hydra.run.dir=DIR" in line
+
+
+@pytest.mark.parametrize("override, says", [
+    ("+gen_lenght=64", "unknown config key gen_lenght (did you mean gen_length?)"),
+    ("gen_lenght=64", "unknown config key gen_lenght (did you mean gen_length?)"),
+    ("++model.revision=main", "unknown config key model.revision"),
+    ("device=tpu", "unknown device 'tpu'; valid choices: auto, cpu, cuda, cuda:N"),
+])
+def test_bad_key_or_value_is_one_line(tmp_path, override, says):
+    out = tmp_path / "out"
+    line = one_error_line(run_eval(override, "limit=1", *FAST, f"hydra.run.dir={out}"))
+    assert says in line
+    if "device" not in override:  # refused before Hydra makes the output directory, and nothing ran
+        assert "valid keys" in line and "+gen_lenght" not in line and not out.exists()
+
+
+def compose_cfg(*overrides):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="eval.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=["limit=1", *FAST, *overrides])
+
+
+def run_error_line(tmp_path, *overrides) -> str:
+    """In process: the runner's error for ``overrides`` and the one line the command line prints for it."""
+    from eval.cli import error_line
+    from eval.runner import run
+
+    with pytest.raises(Exception) as e:
+        run(compose_cfg(*overrides), tmp_path / "out")
+    line = error_line(e.value)
+    assert line is not None and "\n" not in line, repr(e.value)
+    return line
+
+
+def test_device_cuda_without_cuda_is_one_line(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = run_error_line(tmp_path, "device=cuda")
+    assert "device 'cuda' is not available" in line and "valid here: auto, cpu" in line
+
+
+def test_corrupted_checkpoint_is_one_line(tmp_path):
+    from asynclane.loading import TINY_DIR
+
+    model = tmp_path / "model"
+    shutil.copytree(TINY_DIR, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    line = run_error_line(tmp_path, f"model.path={model}")
+    assert line.startswith(f"model=tiny: {weights} is not a readable safetensors file")
+    assert "truncated or corrupted" in line
+
+
+def test_non_integer_sampler_option_names_the_key(tmp_path):
+    line = run_error_line(tmp_path, "sampler.block_length=abc")
+    assert "block_length must be an integer, got 'abc'" in line
+
+
+def test_missing_dream_checkpoint_suggests_dream(tmp_path):
+    line = run_error_line(tmp_path, "model=dream", f"model.path={tmp_path / 'nope'}")
+    assert line.startswith("model=dream: ") and "nope" in line and "model.path=DIR" in line
+    assert "hf download Dream-org/Dream-v0-Instruct-7B" in line and "LLaDA" not in line
+
+
+def test_altered_data_file_is_one_line_pointing_into_the_repository(tmp_path, monkeypatch):
+    from eval.tasks import datafiles
+
+    sha, count = datafiles.FILES["gsm8k/test.jsonl"]
+    monkeypatch.setitem(datafiles.FILES, "gsm8k/test.jsonl", ("0" * 64, count))
+    datafiles._load.cache_clear()
+    try:
+        line = run_error_line(tmp_path, "task=gsm8k")
+    finally:
+        datafiles._load.cache_clear()
+    assert "test.jsonl: sha256 " in line and "does not match the recorded" in line
+    assert "git checkout -- src/eval/data/gsm8k/test.jsonl" in line and "shared/" not in line
+
+
+def test_tps_na_for_a_warmup_only_run_says_why():
+    from eval.__main__ import tps_note
+
+    note = tps_note({"n": 1, "n_timed": 0, "tps": None, "config": {"warmup": 1}})
+    assert "every row is a warm-up row" in note and "warmup=1" in note and "warmup=0" in note
+
+
+# ------------------------------------------------ threads and progress
+
+def test_rows_and_summary_record_threads(first_run):
+    out, res, _ = first_run
+    assert {r["threads"] for r in read_rows(out / SAMPLES)} == {1}
+    assert json.loads((out / SUMMARY).read_text())["threads"] == 1
+    assert "1 CPU thread(s)" in res.stdout
+    assert "3/3 done" in res.stdout  # progress reaches the console when it is not a terminal
+
+
+def test_auto_threads_one_for_a_small_model_on_cpu():
+    import torch
+
+    from eval.runner import TORCH_THREADS, choose_threads
+
+    class Fake:
+        def __init__(self, n_in, device="cpu"):
+            self.model = torch.nn.Linear(n_in, 10_000, bias=False, device="meta")
+            self.device = torch.device(device)
+
+    assert choose_threads(None, Fake(350)) == 1  # 3.5M parameters: the tiny model's size
+    assert choose_threads(3, Fake(350)) == 3  # an explicit count wins
+    assert choose_threads(None, Fake(20_000)) == TORCH_THREADS  # 200M: torch's default
+
+
+def test_resume_with_other_threads_is_not_blended_into_one_tps():
+    rows = [_row(0, "a", 1.0, 10, True, warmup=True), _row(1, "b", 1.0, 10, True), _row(2, "c", 1.0, 20, True),
+            _row(3, "d", 5.0, 10, True, warmup=True), _row(4, "e", 5.0, 10, True)]
+    for r in rows:
+        r["threads"] = 1 if r["batch"] in "abc" else 2
+    s = summarize(rows)
+    assert s["threads"] == 1 and s["n_timed"] == 2
+    assert s["tps"] == pytest.approx(30 / 2.0)  # the threads=1 rows alone, not (30 + 10) / 7
+    assert s["tps_by_threads"] == {"1": pytest.approx(15.0), "2": pytest.approx(2.0)}
+    assert "tps_by_threads" not in summarize(rows[:3])
+
+
+def test_progress_line_after_the_first_batch_each_tenth_and_each_minute():
+    from eval.runner import PROGRESS_SECONDS, progress_due
+
+    assert progress_due(1, 0, 50, 0.0)  # the first example: the user sees the pace at once
+    assert [d for d in range(2, 51) if progress_due(d, d - 1, 50, 0.0)] == [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]
+    assert progress_due(7, 6, 50, PROGRESS_SECONDS)  # a slow run still prints once a minute

@@ -2,8 +2,9 @@
 
 A run killed at any moment (SIGKILL, possibly mid-write) and restarted into the same directory
 loses no finished example, duplicates none, and ends with the rows and summary of an
-uninterrupted run, timing aside.  The same config run twice gives the same completions.
-The test with a real SIGKILL is ``slow`` (``python -m pytest -q -m slow tests/eval/test_resume.py``).
+uninterrupted run, timing aside, also at ``batch_size`` > 1.  The same config run twice gives the
+same completions.  The test with a real SIGKILL is ``slow``
+(``python -m pytest -q -m slow tests/eval/test_resume.py``).
 """
 from __future__ import annotations
 
@@ -152,3 +153,28 @@ def test_same_config_twice_gives_identical_completions(model_dir, reference, tmp
     assert [r["completion"] for r in a] == [r["completion"] for r in b]
     assert content(a) == content(b) == content(read_rows(reference / SAMPLES))
     assert same_summary(tmp_path / "a", tmp_path / "b") and same_summary(tmp_path / "a", reference)
+
+
+def test_torn_resume_at_batch_size_2_equals_the_uninterrupted_run(model_dir, tmp_path, run_in_process):
+    """A kill mid-batch: the batch is regenerated whole (same prompts, same generator), so its rows,
+    their batch-level nfe included, and the summary equal the uninterrupted run's."""
+    import torch
+    from hydra import compose, initialize_config_module
+
+    run = run_in_process
+    # fast_dllm's nfe per call depends on which prompts share the call (the max over its rows)
+    ov = overrides(model_dir) + ["batch_size=2", "sampler=fast_dllm", "gen_length=64", "sampler.block_length=8",
+                                 "threads=2"]
+    with initialize_config_module(config_module="eval.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=ov)
+    threads = torch.get_num_threads()
+    run(cfg, tmp_path / "whole")
+    lines = (tmp_path / "whole" / SAMPLES).read_text().splitlines(keepends=True)
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / SAMPLES).write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2])  # batch 2 cut short
+    run(cfg, torn)
+    after = read_rows(torn / SAMPLES)
+    assert len(after) == LIMIT and content(after) == content(read_rows(tmp_path / "whole" / SAMPLES))
+    assert same_summary(torn, tmp_path / "whole")
+    assert torch.get_num_threads() == threads  # the runs' threads=2 did not outlive them

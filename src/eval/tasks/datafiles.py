@@ -50,12 +50,12 @@ def read_records(path: Path, required: Iterable[str] = (), sha256: Optional[str]
     """
     path = Path(path)
     if not path.is_file():
-        raise DataFileError(f"{path}: benchmark data file not found (see src/eval/data/PROVENANCE.md)")
+        raise DataFileError(f"{path}: benchmark data file not found: {_restore_hint(path)}")
     if sha256 is not None:
         got = sha256_of(path)
         if got != sha256:
             raise DataFileError(f"{path}: sha256 {got} does not match the recorded {sha256}; the file was "
-                                f"altered or replaced (restore it from shared/data, see PROVENANCE.md)")
+                                f"altered or replaced: {_restore_hint(path)}")
     raw = path.read_bytes()
     if path.name.endswith(".gz"):
         try:
@@ -97,6 +97,16 @@ def read_records(path: Path, required: Iterable[str] = (), sha256: Optional[str]
     if count is not None and len(out) != count:
         raise DataFileError(f"{path}: {len(out)} records, expected {count}")
     return out
+
+
+def _restore_hint(path: Path) -> str:
+    """How to get a shipped file back, from inside this repository (or package)."""
+    try:
+        rel = f"src/eval/data/{path.resolve().relative_to(DATA_DIR).as_posix()}"
+    except ValueError:  # not a shipped file (a test's copy)
+        return "restore the original (sources and sha256 in src/eval/data/PROVENANCE.md)"
+    return (f"restore it with `git checkout -- {rel}` in the repository, or reinstall the package "
+            f"(sources and sha256 in src/eval/data/PROVENANCE.md)")
 
 
 @lru_cache(maxsize=None)
