@@ -79,6 +79,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     check_keys(conf)
     _check_top_level(conf)
     task = _build_task(conf["task"])
+    warnings = _preflight(task)
     sampler_name, sampler = _build_sampler(conf["sampler"])
     if int(conf["batch_size"]) > 1 and not getattr(sampler, "can_batch", True):
         raise UsageError(f"sampler {sampler_name!r} decodes one prompt per call (can_batch = False); "
@@ -134,6 +135,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
     summary.update(sampler=sampler_name, task=task.name, task_version=task.version,
                    task_variant=getattr(task, "variant", ""), model=conf["model"]["name"],
                    fingerprint=fingerprint, config=conf)
+    if warnings:
+        summary["warnings"] = warnings
     (out_dir / SUMMARY).write_text(json.dumps(summary, indent=1, default=str) + "\n")
     log.info("wrote %s and %s", samples, out_dir / SUMMARY)
     return summary
@@ -326,6 +329,19 @@ def _build_task(task_conf: dict):
         return build_task(options.pop("name"), **options)
     except (ValueError, KeyError) as e:
         raise UsageError(str(e)) from None
+
+
+def _preflight(task) -> list[str]:
+    """The task's own checks before any work (code tasks: the sandbox this machine can give):
+    warnings are logged and kept for ``summary.json``; a refusal is a usage error."""
+    check = getattr(task, "preflight", None)
+    try:
+        warnings = list(check()) if check else []
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    for w in warnings:
+        log.warning("%s", w)
+    return warnings
 
 
 def _build_sampler(sampler_conf: dict):

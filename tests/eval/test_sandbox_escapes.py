@@ -225,3 +225,16 @@ def test_code_tasks_warn_before_work_when_the_sandbox_is_weaker_and_strict_refus
         HumanEvalTask(sandbox_strict=True).preflight()
     monkeypatch.setattr(sb, "missing_layers", lambda cfg=None: [])
     assert HumanEvalTask(sandbox_strict=True).preflight() == []
+
+
+def test_the_runner_warns_at_start_and_a_strict_task_is_a_usage_error(monkeypatch, caplog):
+    import eval.sandbox as sb
+    from eval.runner import UsageError, _preflight
+
+    monkeypatch.setattr(sb, "missing_layers", lambda cfg=None: ["userns"])
+    with caplog.at_level("WARNING", logger="eval.runner"):
+        (warning,) = _preflight(MBPPTask())
+    assert "lacks userns" in warning and warning in caplog.text
+    with pytest.raises(UsageError, match="refuses to run"):
+        _preflight(MBPPTask(sandbox_strict=True))
+    assert _preflight(object()) == []  # tasks without code to run have nothing to check
