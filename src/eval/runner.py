@@ -72,7 +72,20 @@ PROGRESS_SECONDS = 60.0  # a progress line at least this often (besides the firs
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict:
-    """Evaluate ``cfg`` (the composed config of conf/config.yaml), writing into ``out_dir``."""
+    """Evaluate ``cfg`` (the composed config of conf/config.yaml), writing into ``out_dir``.
+
+    The run seeds Python's and torch's global generators with ``seed`` and sets torch's thread
+    count; both are put back when it returns, so runs in one process (a sweep, a test) do not
+    inherit each other's state."""
+    state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return _run(cfg, out_dir)
+    finally:
+        random.setstate(state)
+
+
+def _run(cfg: DictConfig, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     check_output_dir(out_dir)
     conf = OmegaConf.to_container(cfg, resolve=True)
