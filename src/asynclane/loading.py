@@ -122,9 +122,7 @@ def read_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def _fill_from_shards(model: Transformer, ckpt: Path) -> None:
     """Copy official-name tensors into ``model`` shard by shard (peak memory: model + one shard)."""
-    from safetensors import safe_open
-
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
 
     native = {o: n for n, o in official_names(model.cfg).items()}
     params = dict(model.named_parameters())

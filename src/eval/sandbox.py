@@ -462,9 +462,10 @@ def run_program(source: str, config: Optional[SandboxConfig] = None, **overrides
                           "unavailable here", "none")
     if cfg.drop_user == "yes" and caps["root"] and not caps["uid"]:
         return ExecResult("error", None, 0.0, "", "sandbox: drop_user=yes but switching uid fails here", "none")
-    if cfg.strict and missing_layers(cfg):
-        return ExecResult("error", None, 0.0, "", "sandbox: strict, but unavailable here: "
-                          + ", ".join(missing_layers(cfg)), "none")
+    missing = missing_layers(cfg) if cfg.strict else []
+    if missing:
+        return ExecResult("error", None, 0.0, "", "sandbox: strict, but unavailable here: " + ", ".join(missing),
+                          "none")
     req = _Request(userns=cfg.user_ns and tier.userns, pidns=cfg.pid_ns and tier.pidns,
                    netns=cfg.network != "guard" and tier.netns, mntns=cfg.readonly_fs and tier.mntns,
                    seccomp=cfg.no_fork and tier.seccomp, drop_uid=cfg.drop_user != "no" and tier.drop_uid,
