@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from asynclane.backbone import ModelConfig, Transformer  # noqa: E402
+from asynclane.checkpoint import native_views  # noqa: E402
 from asynclane.tiny_tokenizer import build_tokenizer, chat_prompt_ids  # noqa: E402
 from asynclane.tinymodel import export_checkpoint  # noqa: E402
 from eval.tasks import synthetic  # noqa: E402
@@ -305,7 +306,7 @@ def main(argv=None):
     tok = build_tokenizer(synthetic.VOCAB_WORDS)
     cfg = model_config(args, len(tok))
     model = Transformer(cfg)
-    for name, p in model.named_parameters():
+    for name, p in native_views(model).items():  # the official matrices, in their original order
         if p.dim() == 2:
             torch.nn.init.normal_(p, std=0.02)
     model.to(args.device)

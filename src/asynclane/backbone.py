@@ -1,4 +1,4 @@
-"""Native bidirectional transformer covering LLaDA and Dream, with explicit KV caches.
+"""Native bidirectional transformer covering LLaDA and Dream, with a static KV cache.
 
 One module, two families, chosen by :class:`ModelConfig`:
 
@@ -10,25 +10,52 @@ One module, two families, chosen by :class:`ModelConfig`:
   here**: every logits tensor this module returns is aligned, the row for position ``p``
   predicts the token at ``p``.  For Dream that row is computed from the hidden state at
   ``p - 1`` (position 0 reuses its own row, the official convention), so a call that wants a
-  prediction for ``p`` must also process ``p - 1``; rows whose ``p - 1`` was neither processed
-  nor is 0 come back as NaN rather than silently wrong.
+  prediction for ``p`` must also process ``p - 1``: :meth:`Backbone.step` adds it when the
+  caller names the predictions it wants; rows whose ``p - 1`` is not in a call come back as NaN
+  rather than silently wrong.
 
-Cache convention: keys are cached **after** RoPE, in slot ``p`` for absolute position ``p``
-(slot index == original absolute position, always).  A cache entry therefore never needs
-re-rotation, any subset of slots can be attended in any order, and a "window" is just a slot
-range.  See :class:`KVCache`.
+Weights: q/k/v are one matmul (``qkv``: q rows, then k, then v) and gate/up another
+(``gate_up``: gate rows, then up), fused at load time from the official parameter names
+(:func:`asynclane.checkpoint.native_views` gives the per-matrix views).  RMSNorm runs as one fused
+kernel and multiplies the weight after the cast back, LlamaRMSNorm's rounding order.  RoPE
+cos/sin are a table built once per maximum length (fp32) and gathered by position.
+
+Cache (:class:`KVCache`): allocated once per generate call, never re-allocated in the loop;
+layer ``l`` holds post-RoPE K and V in one tensor ``kv[l]`` of shape (rows, S + 1, 2 n_kv, hd)
+(slot ``S`` is a sink for padding tokens and is never attended).  A call writes its fresh K/V
+into their slots first (``index_copy_`` / ``index_put_`` with a tensor index, no ``nonzero``)
+and then attends the cache's slots in place: no concatenation of cache and fresh K/V, GQA by
+``enable_gqa`` instead of copies, and no attention mask at all when every slot is filled (the
+host knows: it tracks which slots were written), so SDPA may use its flash kernel.
+
+Two entry points:
+
+* :meth:`Backbone.forward` (general): explicit positions, slot == absolute position, per-row
+  scatter writes, windows, read-only calls, shared-prefix broadcasts.  The reference every
+  cache test checks against an HF oracle.
+* :meth:`Backbone.step` (the decode seam samplers use): the buffer plus a column range (or a
+  host list of columns) to process, slot == buffer column, positions from the cache's table,
+  bounds checked on Python ints before the call, no host-device sync inside.  With a *lane*
+  cache (``new_cache(1, S, lanes=R)``) a call carries up to R rows that differ: each row
+  attends the shared state plus its own fresh K/V, and row 0 (the buffer's own row) is what
+  the cache keeps.
+
+Neither entry point syncs with the device inside a forward (no ``.item()``, ``nonzero``,
+``bool(t)`` or data-dependent shapes); ``Backbone.compile()`` wraps the layer stack in
+``torch.compile`` (``fullgraph=True``).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ModelConfig", "BackboneSpec", "Transformer", "KVCache", "Backbone"]
+
+_FUSED_RMS = getattr(torch.ops.aten, "_fused_rms_norm", None)
 
 
 @dataclass(frozen=True)
@@ -91,7 +118,12 @@ class BackboneSpec:
 
 
 class RMSNorm(nn.Module):
-    """LlamaRMSNorm order: normalise in fp32, cast back, then multiply by the weight."""
+    """LlamaRMSNorm order: normalise in fp32, cast back, then multiply by the weight.
+
+    The normalisation is one fused kernel (``aten::_fused_rms_norm``: fp32 math, one rounding
+    back to the input dtype, bit-identical to the unfused expression on CPU); the weight is
+    applied after the cast, as the official code does.
+    """
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -99,15 +131,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        if _FUSED_RMS is not None:
+            return self.weight * _FUSED_RMS(x, [x.shape[-1]], None, self.eps)[0]
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
@@ -116,20 +143,32 @@ def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
     return 1.0 / (cfg.rope_theta ** (ar / cfg.head_dim))
 
 
+def rope_table(cfg: ModelConfig, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (max_length, head_dim) cos and *signed* sin: ``x*cos + roll(x, hd/2)*sin`` is RoPE.
+
+    The angle of position p is ``p * inv_freq`` in fp32, duplicated over both halves (HF's
+    ``cat((freqs, freqs))``); the sin table's first half is negated, so that the half rotation
+    ``cat(-x2, x1) * sin`` becomes ``cat(x2, x1) * signed_sin`` (negation is exact).
+    """
+    ang = torch.arange(cfg.max_length, dtype=torch.float32, device=inv_freq.device)[:, None] * inv_freq
+    emb = torch.cat((ang, ang), dim=-1)
+    sin = emb.sin()
+    half = cfg.head_dim // 2
+    return emb.cos(), torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+
+
 class Layer(nn.Module):
+    """One pre-norm block with fused q/k/v and gate/up weights."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hd, kv = cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.d_model, kv, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.d_model, kv, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=False)
-        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=False)
-        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, hd
+        d, kv = cfg.d_model, cfg.n_kv_heads * cfg.head_dim
+        self.attn_norm = RMSNorm(d, cfg.norm_eps)
+        self.qkv = nn.Linear(d, d + 2 * kv, bias=cfg.qkv_bias)  # rows: q | k | v
+        self.o_proj = nn.Linear(d, d, bias=False)
+        self.mlp_norm = RMSNorm(d, cfg.norm_eps)
+        self.gate_up = nn.Linear(d, 2 * cfg.mlp_hidden, bias=False)  # rows: gate | up
+        self.down_proj = nn.Linear(cfg.mlp_hidden, d, bias=False)
 
 
 class Transformer(nn.Module):
@@ -143,144 +182,243 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        cos, sin = rope_table(cfg, self.inv_freq)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        # heads of the fused q|k|v output seen as groups of n_kv heads: q groups, then k, then v
+        self.groups = cfg.n_heads // cfg.n_kv_heads + 2
+        self._layers_fn = self.run_layers  # replaced by a compiled version (Backbone.compile)
 
     def _apply(self, fn, recurse=True):
         # Both official models keep the RoPE frequencies in fp32 whatever the weight dtype.  A plain
         # ``model.to(torch.bfloat16)`` would round them to bf16 (~0.2% error, i.e. radians of phase
         # error at relative distances in the thousands), and ``to_empty()`` leaves them
-        # uninitialised: recompute them in fp32 (on the CPU, as at construction) after any move/cast.
+        # uninitialised: recompute them and the table in fp32 (on the CPU, as at construction).
         super()._apply(fn, recurse)
         if self.inv_freq.device.type != "meta":
-            self.inv_freq = rope_inv_freq(self.cfg, device="cpu").to(self.inv_freq.device)
+            dev = self.inv_freq.device
+            self.inv_freq = rope_inv_freq(self.cfg, device="cpu")
+            cos, sin = rope_table(self.cfg, self.inv_freq)
+            self.inv_freq, self.rope_cos, self.rope_sin = self.inv_freq.to(dev), cos.to(dev), sin.to(dev)
         return self
 
-    def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
-        ang = positions.float()[..., None] * self.inv_freq  # (B, T, hd/2), fp32
-        emb = torch.cat((ang, ang), dim=-1)[:, None]  # (B, 1, T, hd)
-        cos, sin = emb.cos(), emb.sin()
+    # ------------------------------------------------------------------ pieces of a call
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, groups, 1, hd) cos and signed sin for the fused q|k|v output: the v group gets
+        cos 1, sin 0 (so one elementwise pass rotates q and k and leaves v exactly as it was)."""
+        B, T = positions.shape
+        hd = self.cfg.head_dim
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, hd) fp32
         if not self.cfg.rope_fp32:
             cos, sin = cos.to(dtype), sin.to(dtype)
-        return cos, sin
+        g = self.groups - 1
+        ones = torch.ones(1, 1, 1, hd, dtype=cos.dtype, device=cos.device).expand(B, T, 1, hd)
+        cos = torch.cat((cos[:, :, None].expand(B, T, g, hd), ones), dim=2)
+        sin = torch.cat((sin[:, :, None].expand(B, T, g, hd), torch.zeros_like(ones)), dim=2)
+        return cos[:, :, :, None], sin[:, :, :, None]
 
-    def _apply_rope(self, x, cos, sin):
-        if self.cfg.rope_fp32:
-            return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
-        return x * cos + rotate_half(x) * sin
+    def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
+                   kv: Optional[list], write: Optional[tuple], restore: bool, spread: int) -> torch.Tensor:
+        """The layer stack; pure tensor code (no host sync), the unit ``torch.compile`` wraps.
+
+        x: (B, T, d) embeddings; cos/sin from :meth:`rope`; mask: None or a bool mask broadcastable
+        to (B, heads, T, keys).  kv: None (keys are this call's tokens) or the cache's per-layer
+        (R, S + 1, 2 n_kv, hd) tensors, of which slots [0, S) are attended.  write: how this call's
+        K/V enter their slots first: ``("copy", idx)`` (idx (T,): the same slots in every row,
+        ``index_copy_``) or ``("put", rows, idx)`` (idx (B, T): per-row slots, ``index_put_``).
+        restore: put the overwritten slots back after the call (a read-only call).  spread: > 0 for
+        a lane call: after the layer, rows 1..R-1 take row 0's fresh K/V (the cache keeps row 0).
+        """
+        cfg = self.cfg
+        B, T, d = x.shape
+        H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        gqa = H != Hkv
+        for li, layer in enumerate(self.layers):
+            h = layer.attn_norm(x)
+            qkv = layer.qkv(h).view(B, T, self.groups, Hkv, hd)
+            r = qkv.float() if cfg.rope_fp32 else qkv
+            r = (r * cos + r.roll(hd // 2, dims=-1) * sin).to(x.dtype).view(B, T, H + 2 * Hkv, hd)
+            q, fresh = r[:, :, :H].transpose(1, 2), r[:, :, H:]  # fresh: (B, T, 2 n_kv, hd)
+            if kv is None:
+                keys = fresh
+            else:
+                c = kv[li]
+                saved = None
+                if write[0] == "copy":
+                    if restore:
+                        saved = c.index_select(1, write[1])
+                    target = c if c.shape[0] == B else c[:B]
+                    target.index_copy_(1, write[1], fresh)
+                else:
+                    if restore:
+                        saved = c[write[1], write[2]]
+                    c.index_put_((write[1], write[2]), fresh)
+                keys = c[:, :-1] if c.shape[0] == B else c[:B, :-1]
+            k, v = keys[:, :, :Hkv].transpose(1, 2), keys[:, :, Hkv:].transpose(1, 2)
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            if kv is not None:
+                if saved is not None:
+                    if write[0] == "copy":
+                        c.index_copy_(1, write[1], saved)
+                    else:
+                        c.index_put_((write[1], write[2]), saved)
+                elif spread:
+                    c[1:].index_copy_(1, write[1], fresh[:1].expand(c.shape[0] - 1, -1, -1, -1))
+            x = x + layer.o_proj(att.transpose(1, 2).reshape(B, T, d))
+            h = layer.mlp_norm(x)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down_proj(F.silu(gate) * up)
+        return self.norm(x)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_mask: Optional[torch.Tensor] = None,
                 cache: Optional["KVCache"] = None, write: bool = False,
                 slot_mask: Optional[torch.Tensor] = None, write_row: Optional[int] = None) -> torch.Tensor:
-        """Hidden states (B, T, d) after the final norm.
+        """Hidden states (B, T, d) after the final norm (the general call; see :meth:`Backbone.forward`).
 
-        ids, positions: (B, T).  key_mask: (B, T) bool, False marks padding tokens that no query
-        may attend to.  cache: when given, queries also attend to the cache's filled slots;
-        ``write`` stores this call's K/V into slots ``positions`` (in place) *before* attending,
-        otherwise cache slots at this call's positions are hidden so each position is seen once.
-        slot_mask: (B or 1, S) bool restricting which cache slots may be attended (a window).
-        write_row: with ``write=False`` and a batch-1 cache, store row ``write_row``'s K/V in slots
-        ``positions`` after the call has read the cache (rows that differ read the cache, and the
-        one row that is the buffer's current state updates it: AsyncLane's speculative lanes).
+        key_mask: (B, T) bool, False marks padding tokens that no query may attend to (None: no
+        padding, and without a cache no mask reaches the attention kernel).
         """
-        B, T = ids.shape
-        x = self.embed(ids)
-        cos, sin = self._rope(positions, x.dtype)
-        if key_mask is None:
-            key_mask = torch.ones(B, T, dtype=torch.bool, device=ids.device)
         if cache is not None:
-            cache_mask = cache.attend_mask(positions, key_mask, write, slot_mask)  # (B, S)
-        for li, layer in enumerate(self.layers):
-            h = layer.attn_norm(x)
-            q = layer.q_proj(h).view(B, T, layer.n_heads, layer.hd).transpose(1, 2)
-            k = layer.k_proj(h).view(B, T, layer.n_kv, layer.hd).transpose(1, 2)
-            v = layer.v_proj(h).view(B, T, layer.n_kv, layer.hd).transpose(1, 2)
-            q, k = self._apply_rope(q, cos, sin), self._apply_rope(k, cos, sin)
-            if cache is None:
-                keys, vals, mask = k, v, key_mask
-            elif write:
-                cache.write(li, positions, key_mask, k, v)
-                keys, vals, mask = cache.k[li], cache.v[li], cache_mask
-            else:
-                ck, cv = cache.k[li], cache.v[li]
-                if ck.shape[0] != B:  # shared-prefix broadcast: one cached row serves all lanes
-                    ck, cv = ck.expand(B, -1, -1, -1), cv.expand(B, -1, -1, -1)
-                keys, vals = torch.cat((ck, k), dim=2), torch.cat((cv, v), dim=2)
-                mask = torch.cat((cache_mask, key_mask), dim=1)
-                if write_row is not None:  # the reads above are copies: the call sees the cache as it was
-                    r = slice(write_row, write_row + 1)
-                    cache.write(li, positions[r], key_mask[r], k[r], v[r])
-            rep = layer.n_heads // layer.n_kv
-            if rep > 1:
-                keys, vals = keys.repeat_interleave(rep, dim=1), vals.repeat_interleave(rep, dim=1)
-            att = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask[:, None, None, :])
-            x = x + layer.o_proj(att.transpose(1, 2).reshape(B, T, -1))
-            h = layer.mlp_norm(x)
-            x = x + layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h))
-        return self.norm(x)
+            return self._general_cached(ids, positions, key_mask, cache, write, slot_mask, write_row)
+        x = self.embed(ids)
+        cos, sin = self.rope(positions, x.dtype)
+        mask = None if key_mask is None else key_mask[:, None, None, :]
+        return self._layers_fn(x, cos, sin, mask, None, None, False, 0)
+
+    def _general_cached(self, ids, positions, key_mask, cache, write, slot_mask, write_row):
+        B, T = ids.shape
+        S = cache.length
+        if positions.device.type == "cpu" and positions.numel():  # free on the CPU; elsewhere the index op checks
+            lo, hi = int(positions.min()), int(positions.max())
+            if lo < 0 or hi >= S:
+                raise IndexError(f"cache positions must lie in [0, {S}), got [{lo}, {hi}]")
+        if write and cache.batch != B:
+            raise ValueError(f"cannot write a batch of {B} rows into a cache of {cache.batch}")
+        work = cache
+        if cache.batch != B:  # shared-prefix broadcast: a B-row scratch copy (the general path only)
+            work = KVCache.__new__(KVCache)
+            work.__dict__.update(cache.__dict__)
+            work.kv = [t[:1].expand(B, -1, -1, -1).clone() for t in cache.kv]
+            work._filled, work._tokens = cache._filled[:1].expand(B, -1).clone(), cache._tokens[:1].expand(B, -1).clone()
+            work.batch, work.lanes = B, 1
+        slots = positions if key_mask is None else torch.where(key_mask, positions, S)  # pads -> the sink
+        rows = torch.arange(B, device=ids.device)[:, None].expand(B, T)
+        read_only = not write and write_row is None and work is cache
+        own = torch.zeros_like(work._filled).index_put_((rows, slots), torch.ones_like(slots, dtype=torch.bool))
+        # cached slots (inside the window) that this call does not rewrite, and the call's own K/V
+        mask = work._filled[:, :-1] if slot_mask is None else work._filled[:, :-1] & slot_mask
+        mask = mask | own[:, :-1]
+        x = self.embed(ids)
+        cos, sin = self.rope(positions, x.dtype)
+        hidden = self._layers_fn(x, cos, sin, mask[:, None, None, :], work.kv, ("put", rows, slots),
+                                       read_only, 0)
+        if write:
+            work._filled |= own
+            work._tokens.index_put_((rows, slots), ids)
+            work._ragged = True
+        if write_row is not None:  # the cache takes row `write_row`'s K/V (its slots, pads skipped)
+            r, s = torch.zeros_like(slots[0]), slots[write_row]
+            for dst, src in zip(cache.kv, work.kv):
+                dst.index_put_((r, s), src[write_row, s])
+            cache._filled.index_put_((r, s), torch.ones_like(s, dtype=torch.bool))
+            cache._tokens.index_put_((r, s), ids[write_row])
+            cache._ragged = True
+        return hidden
 
 
 class KVCache:
-    """Per-layer post-RoPE K/V in absolute-position slots, with explicit operations.
+    """Per-layer post-RoPE K/V in slots, allocated once; the host tracks which slots are filled.
 
-    ``k[l], v[l]``: (B, n_kv, S, head_dim); ``filled``: (B, S) bool.  Operations:
+    ``kv[l]``: (rows, S + 1, 2 n_kv, hd) (K heads then V heads; slot S is a sink for padding
+    tokens, never attended); ``k[l]`` / ``v[l]``: (rows, n_kv, S, hd) views.  ``filled``: (rows, S)
+    bool; ``tokens``: (rows, S) the token id each slot's K/V were computed from (-1: empty), so a
+    sampler asks the cache what is stale (:meth:`stale`) instead of tracking it.  ``positions``:
+    (rows, S) the RoPE position of each buffer column (the :meth:`Backbone.step` convention:
+    slot == column; left padding restarts positions at each row's first real token).
 
-    * written by ``Backbone.forward(..., cache=c, write=True)``: scatter-writes K/V at the
-      call's positions (prefix cache: write the prompt; dual cache: rewrite a block in place;
-      indexed cache: any positions);
-    * :meth:`invalidate` drops slots (they are no longer attended until rewritten);
-    * windows: pass ``slot_mask=cache.window(lo, hi)`` to a forward to attend only that range;
-    * shared-prefix broadcast: a batch-1 cache serves a B-row read-only call without copies.
+    Operations: writes by :meth:`Backbone.forward` (slot == position) or :meth:`Backbone.step`
+    (slot == column); :meth:`invalidate` drops slots; ``slot_mask=cache.window(lo, hi)`` restricts
+    a general forward to a slot range; a batch-1 cache serves a B-row read-only general call
+    (shared-prefix broadcast).  A *lane* cache (``lanes=R``) keeps one state in R identical rows so
+    that up to R differing rows can each attend it plus their own fresh K/V without copies.
     """
 
     def __init__(self, n_layers: int, batch: int, n_kv: int, length: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
-        shape = (batch, n_kv, length, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.filled = torch.zeros(batch, length, dtype=torch.bool, device=device)
+                 dtype: torch.dtype, device: torch.device, key_mask: Optional[torch.Tensor] = None,
+                 lanes: int = 1):
+        if lanes > 1 and batch != 1:
+            raise ValueError(f"a lane cache holds one sequence (batch 1), got batch={batch}")
+        rows = max(batch, lanes)
+        self.batch, self.lanes, self.n_kv = batch, lanes, n_kv
+        self.kv = [torch.zeros(rows, length + 1, 2 * n_kv, head_dim, dtype=dtype, device=device)
+                   for _ in range(n_layers)]
+        self._filled = torch.zeros(rows, length + 1, dtype=torch.bool, device=device)
+        self._tokens = torch.full((rows, length + 1), -1, dtype=torch.long, device=device)
+        if key_mask is not None:
+            if tuple(key_mask.shape) != (batch, length):
+                raise ValueError(f"key_mask must be ({batch}, {length}), got {tuple(key_mask.shape)}")
+            self.valid = key_mask.to(device=device, dtype=torch.bool)
+            self.positions = (self.valid.long().cumsum(1) - 1).clamp(min=0)
+        else:
+            self.valid = None
+            self.positions = torch.arange(length, device=device)[None].expand(rows, length)
+        # host mirror: slot s filled in every row (exact while the cache is not ragged)
+        self._host = bytearray(length)
+        self._ragged = key_mask is not None  # rows may differ: the device mask is the truth
 
     @property
     def length(self) -> int:
-        return self.filled.shape[1]
+        return len(self._host)
 
-    def _check(self, positions: torch.Tensor):
-        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= self.length):
-            raise IndexError(f"cache positions must lie in [0, {self.length}), got "
-                             f"[{int(positions.min())}, {int(positions.max())}]")
+    @property
+    def rows(self) -> int:
+        return self.kv[0].shape[0] if self.kv else self._filled.shape[0]
 
-    def attend_mask(self, positions, key_mask, write, slot_mask):
-        self._check(positions)
-        B = positions.shape[0]
-        filled = self.filled.expand(B, -1) if self.filled.shape[0] != B else self.filled
-        bi, ti = key_mask.nonzero(as_tuple=True)
-        mask = filled.clone()
-        if write:
-            if self.filled.shape[0] != B:
-                raise ValueError(f"cannot write a batch of {B} rows into a cache of {self.filled.shape[0]}")
-            mask[bi, positions[bi, ti]] = True
-        else:  # hide cached copies of the positions processed now: each position is seen once
-            mask[bi, positions[bi, ti]] = False
-        if slot_mask is not None:
-            mask = mask & slot_mask
-        return mask
+    @property
+    def filled(self) -> torch.Tensor:
+        return self._filled[: self.batch, :-1]
 
-    def write(self, layer: int, positions, key_mask, k, v):
-        """Store this call's post-RoPE K/V (B, n_kv, T, hd) in slots ``positions``; pads skipped."""
-        bi, ti = key_mask.nonzero(as_tuple=True)
-        pi = positions[bi, ti]
-        if layer == 0:
-            self.filled[bi, pi] = True
-        self.k[layer][bi, :, pi] = k.transpose(1, 2)[bi, ti]
-        self.v[layer][bi, :, pi] = v.transpose(1, 2)[bi, ti]
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self._tokens[: self.batch, :-1]
+
+    @property
+    def k(self) -> list:
+        return [t[: self.batch, :-1, : self.n_kv].transpose(1, 2) for t in self.kv]
+
+    @property
+    def v(self) -> list:
+        return [t[: self.batch, :-1, self.n_kv:].transpose(1, 2) for t in self.kv]
+
+    def stale(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S) bool: slots whose K/V were computed from another token than ``x`` holds (or none)."""
+        return self.tokens != x
 
     def invalidate(self, lo: int = 0, hi: Optional[int] = None, rows: Optional[Sequence[int]] = None):
         """Mark slots [lo, hi) as empty (for ``rows``, default all)."""
+        hi = self.length if hi is None else hi
         sel = slice(None) if rows is None else list(rows)
-        self.filled[sel, lo:hi] = False
+        self._filled[sel, lo:hi] = False
+        self._tokens[sel, lo:hi] = -1
+        self._host[lo:hi] = bytes(len(range(*slice(lo, hi).indices(self.length))))
+        if rows is not None:
+            self._ragged = True
 
     def window(self, lo: int, hi: int) -> torch.Tensor:
         """A (1, S) slot mask selecting absolute positions [lo, hi)."""
-        ar = torch.arange(self.length, device=self.filled.device)
+        ar = torch.arange(self.length, device=self._filled.device)
         return ((ar >= lo) & (ar < hi))[None]
+
+    def full(self, lo: int = 0, hi: int = 0) -> bool:
+        """Host answer, no sync: is every slot filled in every row, counting [lo, hi) as filled?"""
+        if self._ragged:
+            return False
+        h = self._host
+        return h.count(0, 0, lo) == 0 and h.count(0, max(lo, hi)) == 0
+
+
+Cols = Union[tuple, Sequence[int]]
 
 
 class Backbone:
@@ -298,62 +436,211 @@ class Backbone:
     def dtype(self) -> torch.dtype:
         return self.model.embed.weight.dtype
 
-    def new_cache(self, batch: int, length: int) -> KVCache:
+    def new_cache(self, batch: int, length: int, key_mask: Optional[torch.Tensor] = None,
+                  lanes: int = 1) -> KVCache:
+        """A static cache of ``length`` slots.  key_mask (batch, length): the buffer's padding, for
+        :meth:`step` (positions restart at each row's first real token).  lanes: rows for a lane
+        call (:meth:`step` with up to ``lanes`` differing rows over one sequence)."""
         c = self.cfg
-        return KVCache(c.n_layers, batch, c.n_kv_heads, length, c.head_dim, self.dtype, self.device)
+        if length > c.max_length:
+            raise ValueError(f"a cache of {length} slots exceeds the model's max_length {c.max_length}")
+        return KVCache(c.n_layers, batch, c.n_kv_heads, length, c.head_dim, self.dtype, self.device,
+                       key_mask=key_mask, lanes=lanes)
+
+    def compile(self, mode: Optional[str] = "reduce-overhead", **kwargs) -> "Backbone":
+        """Run the layer stack under ``torch.compile(fullgraph=True, dynamic=False)`` (CUDA graphs with
+        ``reduce-overhead`` on a GPU).  One graph per distinct call shape: a full forward, a dual-cache
+        block step, and one per query length of a prefix step."""
+        self.model._layers_fn = torch.compile(self.model.run_layers, mode=mode, fullgraph=True, dynamic=False,
+                                              **kwargs)
+        return self
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Aligned logits (B, L, V) of a plain full bidirectional forward."""
         return self.forward(input_ids)
 
+    # ------------------------------------------------------------------ the general call
+
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 key_mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
                 write: bool = False, slot_mask: Optional[torch.Tensor] = None,
                 predict: Optional[torch.Tensor] = None, write_row: Optional[int] = None) -> torch.Tensor:
-        """Aligned logits for the processed tokens.
+        """Aligned logits for the processed tokens (general slots: slot == absolute position).
 
         ids, positions (default 0..T-1), key_mask: (B, T).  Returns (B, T, V) where row j is the
         prediction for the token at ``positions[:, j]`` (Dream's shift undone).  ``predict``
         (B, P) column indices into this call's tokens: only those rows go through the head.
+
+        cache: queries also attend to the cache's filled slots; ``write`` stores this call's K/V
+        into slots ``positions`` (padding skipped) before attending; otherwise the call is
+        read-only: the cached copies of its positions are hidden (each position is seen once) and
+        the cache is left as it was.  slot_mask: (B or 1, S) bool restricting which cache slots may
+        be attended (a window).  write_row: with ``write=False`` and a batch-1 cache read by B rows,
+        store row ``write_row``'s K/V in its slots after the call has read the cache.
         """
         B, T = ids.shape
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
-        if write_row is not None and (cache is None or write or not 0 <= write_row < ids.shape[0]):
-            raise ValueError(f"write_row={write_row} needs a cache, write=False and a row of the {ids.shape[0]}")
-        hidden = self.model(ids, positions, key_mask, cache, write, slot_mask, write_row)
+        if write_row is not None and (cache is None or write or not 0 <= write_row < B):
+            raise ValueError(f"write_row={write_row} needs a cache, write=False and a row of the {B}")
+        m = self.model
+        hidden = m(ids, positions, key_mask, cache, write, slot_mask, write_row)
         if self.cfg.shifted_logits:
             hidden = self._shift(hidden, positions, key_mask)
         if predict is not None:
             hidden = hidden.gather(1, predict[..., None].expand(-1, -1, hidden.shape[-1]))
-        return self.model.head(hidden)
+        return m.head(hidden)
 
     @staticmethod
     def _shift(hidden: torch.Tensor, positions: torch.Tensor, key_mask=None) -> torch.Tensor:
-        """Row for position p <- hidden of position p-1 in the same call (Dream, §2.3).
+        """Row for position p <- hidden of position p-1 in the same call (Dream, §2.3); no host sync.
 
-        Only real (non-padding) tokens are sources; position 0 keeps its own row (official).
+        Only real (non-padding) tokens are sources; position 0 keeps its own row (official); a row
+        whose p-1 is not in the call is NaN.
         """
         B, T = positions.shape
-        if key_mask is None and T > 1 and bool((positions[:, 1:] - positions[:, :-1] == 1).all()):
-            # contiguous fast path: the official concat(logits[:, :1], logits[:, :-1])
-            out = torch.cat((hidden[:, :1], hidden[:, :-1]), dim=1)
-            if bool((positions[:, 0] != 0).any()):
-                out[:, 0][positions[:, 0] != 0] = float("nan")
-            return out
         match = positions[:, None, :] == (positions[:, :, None] - 1)  # (B, T, T): [j, i] i is p_j-1
         if key_mask is not None:
             match &= key_mask[:, None, :]
         has = match.any(-1)
         src = match.float().argmax(-1)
-        src = torch.where(positions == 0, torch.arange(T, device=positions.device).expand(B, T), src)
+        zero = positions == 0
+        src = torch.where(zero, torch.arange(T, device=positions.device).expand(B, T), src)
         out = hidden.gather(1, src[..., None].expand(-1, -1, hidden.shape[-1]))
-        bad = ~has & (positions != 0)
-        if bool(bad.any()):
-            out = out.masked_fill(bad[..., None], float("nan"))
+        return out.masked_fill((~has & ~zero)[..., None], float("nan"))
+
+    # ------------------------------------------------------------------ the decode step
+
+    def plan(self, cache: KVCache, cols: Cols, predict=None) -> tuple:
+        """Host-only: the columns a :meth:`step` processes (Dream: plus each predicted ``p - 1`` that
+        is missing) as ``(lo, hi)`` or a sorted list, and the number of tokens per row."""
+        S = cache.length
+        contiguous = isinstance(cols, tuple)
+        if contiguous:
+            lo, hi = cols
+            if not 0 <= lo < hi <= S:
+                raise IndexError(f"step columns [{lo}, {hi}) must lie in [0, {S}) and be non-empty")
+        else:
+            cols = list(cols)
+            if not cols or min(cols) < 0 or max(cols) >= S or len(set(cols)) != len(cols):
+                raise IndexError(f"step columns must be distinct and lie in [0, {S}), got {cols[:8]}...")
+        if self.cfg.shifted_logits and predict is not None and not isinstance(predict, torch.Tensor):
+            want = range(*predict) if isinstance(predict, tuple) else predict
+            have = set(range(*cols)) if contiguous else set(cols)
+            need = {p - 1 for p in want if p > 0 and p - 1 not in have}
+            if need:
+                if contiguous and need == set(range(min(need), cols[0])):
+                    cols = (min(need), cols[1])
+                else:
+                    cols = sorted(have | need)
+                    contiguous = False
+        n = cols[1] - cols[0] if contiguous else len(cols)
+        return cols, n
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, cache: KVCache, cols: Cols, *, predict=None, write: bool = True) -> torch.Tensor:
+        """One decode call: the buffer's columns ``cols`` against ``cache``; aligned logits.
+
+        x: (B, S) the buffer (for a lane cache: one row per lane, row 0 the buffer itself).  cols:
+        ``(lo, hi)`` or a host list of columns.  The call writes its K/V into slots ``cols``
+        (slot == column; ``write=False``: read-only, the cache is left as it was) and attends every
+        filled slot, its own included.  predict: the columns whose predictions are returned, as
+        ``(a, b)``, a host list, or a (B, P) / (P,) tensor of columns; None: every processed column.
+        A Dream call also processes the missing ``p - 1`` of every host-named prediction (rows for
+        tensor-named ones whose ``p - 1`` is absent are NaN).  Returns (B, P, V).
+        """
+        B, S = x.shape
+        if B != cache.batch and not (cache.lanes > 1 and B <= cache.lanes):
+            raise ValueError(f"a step of {B} rows needs a cache of batch {B} or a lane cache of >= {B} "
+                             f"rows (got batch {cache.batch}, lanes {cache.lanes})")
+        if S != cache.length:
+            raise ValueError(f"the buffer has {S} columns, the cache {cache.length} slots")
+        cols, n = self.plan(cache, cols, predict)
+        dev, m = x.device, self.model
+        if isinstance(cols, tuple):
+            lo, hi = cols
+            idx = torch.arange(lo, hi, device=dev)
+            ids, pos = x[:, lo:hi], cache.positions[:B, lo:hi]
+        else:
+            lo, hi = cols[0], cols[-1] + 1
+            idx = torch.tensor(cols, device=dev)
+            ids, pos = x.index_select(1, idx), cache.positions[:B].index_select(1, idx)
+        lane = cache.lanes > 1
+        read_only = not write
+        # the mask: none when every slot is filled (host-known); else the filled slots, own included
+        if cache.full(lo, hi) if isinstance(cols, tuple) else cache.full() or self._fills(cache, cols):
+            mask = None
+        else:
+            filled = cache._filled[:B, :-1]
+            own = torch.zeros(S, dtype=torch.bool, device=dev).index_fill_(0, idx, True)
+            mask = filled | own if cache.valid is None else filled | (own & cache.valid[:B])
+            mask = mask[:, None, None, :]
+        h = m.embed(ids)
+        cos, sin = m.rope(pos, h.dtype)
+        hidden = m._layers_fn(h, cos, sin, mask, cache.kv, ("copy", idx), read_only,
+                              1 if lane and write and cache.rows > 1 else 0)
+        if write:
+            src_ids = ids[:1].expand(cache.rows, -1) if lane else ids
+            cache._tokens.index_copy_(1, idx, src_ids)
+            valid = (torch.ones_like(src_ids, dtype=torch.bool) if cache.valid is None
+                     else cache.valid.index_select(1, idx))
+            cache._filled.index_copy_(1, idx, valid)
+            if isinstance(cols, tuple):
+                cache._host[lo:hi] = b"\x01" * (hi - lo)
+            else:
+                for c in cols:
+                    cache._host[c] = 1
+        if self.cfg.shifted_logits:
+            hidden = self._shift_step(hidden, cols, pos, cache)
+        hidden = self._select(hidden, cols, predict)
+        return m.head(hidden)
+
+    @staticmethod
+    def _fills(cache: KVCache, cols) -> bool:
+        """Host: with the listed columns counted as filled, is every slot filled?"""
+        if cache._ragged:
+            return False
+        missing = [i for i, b in enumerate(cache._host) if not b]
+        return set(missing) <= set(cols)
+
+    def _shift_step(self, hidden, cols, pos, cache):
+        """Dream's shift for a step: contiguous columns shift by one row; lists use the general rule."""
+        if not isinstance(cols, tuple):
+            return self._shift(hidden, pos, None if cache.valid is None else
+                               cache.valid[: hidden.shape[0]].index_select(1, torch.tensor(cols, device=pos.device)))
+        lo = cols[0]
+        out = torch.cat((hidden[:, :1], hidden[:, :-1]), dim=1)
+        if lo > 0:
+            out[:, 0] = float("nan")
+        if cache.valid is not None:  # a row's first real token (position 0) keeps its own row
+            out = torch.where((pos == 0)[..., None], hidden, out)
         return out
+
+    @staticmethod
+    def _select(hidden, cols, predict):
+        if predict is None:
+            return hidden
+        if isinstance(predict, torch.Tensor):
+            if not isinstance(cols, tuple):
+                raise ValueError("a tensor `predict` needs contiguous columns (lo, hi)")
+            p = predict - cols[0]
+            if p.dim() == 1:
+                return hidden.index_select(1, p)
+            return hidden.gather(1, p[..., None].expand(-1, -1, hidden.shape[-1]))
+        if isinstance(cols, tuple):
+            if isinstance(predict, tuple):
+                a, b = predict
+                if not cols[0] <= a < b <= cols[1]:
+                    raise ValueError(f"predict {predict} lies outside the call's columns {cols}")
+                return hidden[:, a - cols[0]:b - cols[0]]
+            rows = [p - cols[0] for p in predict]
+        else:
+            at = {c: i for i, c in enumerate(cols)}
+            want = range(*predict) if isinstance(predict, tuple) else predict
+            rows = [at[p] for p in want]
+        return hidden.index_select(1, torch.tensor(rows, device=hidden.device))
 
     def count_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

@@ -31,8 +31,36 @@ _DREAM_LAYER = {
 }
 
 
+def native_views(model) -> dict:
+    """Every official-unit matrix of ``model`` as a view into its (fused) parameters, in module order.
+
+    Names are the unfused native names of :func:`official_names` (``layers.0.q_proj.weight``):
+    q/k/v are row ranges of ``qkv``, gate/up of ``gate_up``; the rest are the parameters
+    themselves.  Copying into a view fills the fused parameter (the loader), reading one gives
+    the official matrix (the saver, the HF parity tests).
+    """
+    cfg = model.cfg
+    d, kv, m = cfg.d_model, cfg.n_kv_heads * cfg.head_dim, cfg.mlp_hidden
+    out = {"embed.weight": model.embed.weight}
+    for i, layer in enumerate(model.layers):
+        pre = f"layers.{i}."
+        out[pre + "attn_norm.weight"] = layer.attn_norm.weight
+        for name, (a, b) in (("q_proj", (0, d)), ("k_proj", (d, d + kv)), ("v_proj", (d + kv, d + 2 * kv))):
+            out[pre + name + ".weight"] = layer.qkv.weight[a:b]
+            if cfg.qkv_bias:
+                out[pre + name + ".bias"] = layer.qkv.bias[a:b]
+        out[pre + "o_proj.weight"] = layer.o_proj.weight
+        out[pre + "mlp_norm.weight"] = layer.mlp_norm.weight
+        out[pre + "gate_proj.weight"] = layer.gate_up.weight[:m]
+        out[pre + "up_proj.weight"] = layer.gate_up.weight[m:]
+        out[pre + "down_proj.weight"] = layer.down_proj.weight
+    out["norm.weight"] = model.norm.weight
+    out["head.weight"] = model.head.weight
+    return out
+
+
 def official_names(cfg: ModelConfig) -> dict[str, str]:
-    """Map every native parameter name to its official checkpoint name."""
+    """Map every native (unfused, :func:`native_views`) parameter name to its official checkpoint name."""
     out = {}
     if cfg.family == "llada":
         pre = "model.transformer."

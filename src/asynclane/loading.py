@@ -15,7 +15,7 @@ from typing import Optional, Union
 import torch
 
 from .backbone import Backbone, BackboneSpec, ModelConfig, Transformer
-from .checkpoint import config_from_official, official_config, official_names
+from .checkpoint import config_from_official, native_views, official_config, official_names
 
 TINY_DIR = Path(__file__).resolve().parent / "tiny"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -125,7 +125,7 @@ def _fill_from_shards(model: Transformer, ckpt: Path) -> None:
     from safetensors import SafetensorError, safe_open
 
     native = {o: n for n, o in official_names(model.cfg).items()}
-    params = dict(model.named_parameters())
+    params = native_views(model)  # views into the fused q|k|v and gate|up weights
     seen = set()
     with torch.no_grad():
         for f in shard_files(ckpt):
@@ -238,7 +238,7 @@ def save_checkpoint(model: Transformer, out: Path, token_ids: dict, tokenizer=No
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = official_names(model.cfg)
-    sd = {names[n]: p.detach().float().contiguous().cpu() for n, p in model.state_dict().items()}
+    sd = {names[n]: p.detach().float().contiguous().cpu() for n, p in native_views(model).items()}
     for f in out.glob("*.safetensors"):
         f.unlink()
     (out / "model.safetensors.index.json").unlink(missing_ok=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .backbone import Backbone, BackboneSpec, ModelConfig, Transformer
+from .checkpoint import native_views
 
 # ids inside the random vocabulary; tests must read them from backbone.spec, never hard-code
 _VOCAB = 96
@@ -30,7 +31,7 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
     g = torch.Generator().manual_seed(seed)
     model = Transformer(cfg)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in native_views(model).items():  # the unfused matrices, in the original order
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
             elif name.startswith("embed"):

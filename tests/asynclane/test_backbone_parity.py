@@ -26,7 +26,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from asynclane.checkpoint import official_names
+from asynclane.checkpoint import native_views, official_names
 from asynclane.testing import random_backbone
 
 FAMILIES = ("llada", "dream")
@@ -71,7 +71,7 @@ def hf_from_native(model, impl: str = "sdpa"):
     cls, hcfg = hf_config(model.cfg)
     hf = cls._from_config(hcfg, attn_implementation=impl)
     names = official_names(model.cfg)
-    sd = {official_to_hf(model.cfg.family, names[n]): t.clone() for n, t in model.state_dict().items()}
+    sd = {official_to_hf(model.cfg.family, names[n]): t.clone() for n, t in native_views(model).items()}
     hf.load_state_dict(sd, strict=True)
     return hf.float().eval()
 
