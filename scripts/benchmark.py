@@ -179,9 +179,11 @@ def check_block_lengths(runs: Sequence[Run], defaults_of) -> list[str]:
 class CallCost:
     """Per-call latency of an 8B-shape forward at batch 1: ``ms = base_ms + per_token_ms * tokens``.
 
-    Fitted by least squares to ``scripts/gpu_forward_cost.py`` rows (cache-free and cached calls,
-    every lane count and length) of one family: at batch 1 an 8B forward is bound by reading the
-    weights, so the cost of a call grows only slowly with the query tokens it carries.
+    Fitted by least squares to ``scripts/bench_forward.py`` rows (every call kind, lane count and
+    length; only the compiled rows when the file has any: the fastest forward a run can use) of one
+    family: at batch 1 an 8B forward is bound by reading the weights, so the cost of a call grows
+    only slowly with the query tokens it carries.  A run is charged, call by call, for the tokens
+    each call carries (linear in tokens: the run's token-forwards over its NFE calls).
     """
 
     family: str
@@ -195,6 +197,8 @@ class CallCost:
 
 
 def fit_call_cost(rows: Sequence[dict], family: str) -> CallCost:
+    if any(r.get("compiled") for r in rows if r.get("family") == family):
+        rows = [r for r in rows if r.get("compiled")]
     pts = [(float(r["query_tokens"]), float(r["ms"])) for r in rows if r.get("family") == family]
     if len(pts) < 2:
         raise ValueError(f"need at least two {family} rows to fit a call cost, got {len(pts)}")
@@ -215,7 +219,7 @@ def load_call_cost(paths: Sequence[Path], family: str) -> CallCost:
         try:
             rows += json.loads(Path(path).read_text()).get("rows", [])
         except FileNotFoundError:
-            raise SystemExit(f"error: --gpu-costs {path}: no such file (write it with scripts/gpu_forward_cost.py)")
+            raise SystemExit(f"error: --gpu-costs {path}: no such file (write it with scripts/bench_forward.py)")
     families = sorted({str(r.get("family")) for r in rows})
     if family not in families:
         raise SystemExit(f"error: --gpu-costs {', '.join(map(str, paths))} has no rows for family {family!r}; "
@@ -444,7 +448,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True,
                     help="asynclane with each mechanism off in turn (default on; --no-ablations skips)")
     ap.add_argument("--gpu-costs", type=Path, nargs="+", default=None, metavar="FILE",
-                    help="scripts/gpu_forward_cost.py output(s), rows pooled: add a projected GPU TPS at 8B shape")
+                    help="scripts/bench_forward.py output(s), rows pooled: add a projected GPU TPS at 8B shape")
     ap.add_argument("--gpu-family", default="llada", help="which family's rows of --gpu-costs to use (default llada)")
     ap.add_argument("--reference", default=None, help="eval.report's speedup reference (default: blockwise if run)")
     ap.add_argument("--dry-run", action="store_true", help="print the planned runs only")

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from asynclane.counting import CountingBackbone
+from asynclane.counting import SYNC_OPS, CountingBackbone, OpCounter
 from asynclane.sampler import REGISTRY, Generation, build_sampler, first_eos_cut, left_pad
-from asynclane.testing import random_backbone, random_prompts
+from asynclane.testing import LogitsHook, random_backbone, random_prompts
 
 import baselines  # noqa: E402,F401  (registers every competing sampler)
 NAMES = sorted(REGISTRY)
@@ -29,21 +29,18 @@ def _backbone(family):
     return _BACKBONES[family]
 
 
-class _EosHeavy:
+class _EosHeavy(LogitsHook):
     """Delegating backbone that raises the EOS-like logits, so outputs contain EOS mid-answer."""
 
     def __init__(self, bb, boost):
-        self._bb, self.boost = bb, boost
+        super().__init__(bb)
+        self.boost = boost
 
-    def forward(self, ids, *args, **kwargs):
-        logits = self._bb.forward(ids, *args, **kwargs)
+    def adjust(self, logits, ids, positions, rows):
         eos = torch.tensor(self._bb.spec.eos_ids, device=logits.device)
         # a ramp over the call's columns: later positions lean to EOS, earlier ones do not
         ramp = self.boost * torch.linspace(0.5, 1.5, logits.shape[1], device=logits.device, dtype=logits.dtype)
         return logits.index_add(-1, eos, ramp[None, :, None].expand(logits.shape[0], -1, len(eos)))
-
-    def __getattr__(self, name):
-        return getattr(self._bb, name)
 
 
 def _run(name, bb, prompts, seed=0, **opts) -> Generation:
@@ -139,3 +136,19 @@ def test_batch_equals_singles(case):
         single = _run(case.name, case.bb, [prompt])
         assert torch.equal(single.tokens, case.out.tokens[r:r + 1]), f"row {r} (prompt length {len(prompt)})"
         assert torch.equal(single.finished, case.out.finished[r:r + 1])
+
+
+# per model call: at most this many host-device round trips (the sampler's one or two transfers per
+# iteration; ``Backbone.step`` / ``forward`` themselves make none: tests/asynclane/test_static_step.py)
+SYNCS_PER_CALL = 2
+
+
+def test_at_most_two_host_syncs_per_model_call(case):
+    """Bookkeeping stays on the device: a sampler reads the device at most twice per iteration (a
+    handful more per generate call for its set-up and its output are allowed)."""
+    counting = CountingBackbone(case.bb)
+    with OpCounter() as c:
+        build_sampler(case.name, gen_length=GEN).generate(counting, case.prompts, torch.Generator().manual_seed(0))
+    assert c.syncs <= SYNCS_PER_CALL * counting.nfe + 4, (
+        f"{case.name}: {c.syncs} syncs in {counting.nfe} calls: "
+        f"{ {k: v for k, v in c.ops.items() if k in SYNC_OPS} }")

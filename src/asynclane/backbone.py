@@ -447,12 +447,18 @@ class Backbone:
         return KVCache(c.n_layers, batch, c.n_kv_heads, length, c.head_dim, self.dtype, self.device,
                        key_mask=key_mask, lanes=lanes)
 
-    def compile(self, mode: Optional[str] = "reduce-overhead", **kwargs) -> "Backbone":
-        """Run the layer stack under ``torch.compile(fullgraph=True, dynamic=False)`` (CUDA graphs with
-        ``reduce-overhead`` on a GPU).  One graph per distinct call shape: a full forward, a dual-cache
-        block step, and one per query length of a prefix step."""
-        self.model._layers_fn = torch.compile(self.model.run_layers, mode=mode, fullgraph=True, dynamic=False,
-                                              **kwargs)
+    def compile(self, mode: Optional[str] = "reduce-overhead", backend: str = "inductor",
+                dynamic: Optional[bool] = None) -> "Backbone":
+        """Run the layer stack under ``torch.compile(fullgraph=True)`` (``model.compile=true``).
+
+        ``mode="reduce-overhead"`` replays CUDA graphs on a GPU.  Shapes: a call's shapes are set on
+        the host (no data-dependent shape inside), and ``dynamic=None`` lets the compiler recompile
+        once with symbolic lengths when a length changes (prompt lengths, a prefix step's query
+        length), instead of once per length.  ``backend="eager"`` only traces (tests).
+        """
+        kw = {"mode": mode} if backend == "inductor" and mode else {}
+        self.model._layers_fn = torch.compile(self.model.run_layers, backend=backend, fullgraph=True,
+                                              dynamic=dynamic, **kw)
         return self
 
     @torch.no_grad()
@@ -557,7 +563,7 @@ class Backbone:
                              f"rows (got batch {cache.batch}, lanes {cache.lanes})")
         if S != cache.length:
             raise ValueError(f"the buffer has {S} columns, the cache {cache.length} slots")
-        cols, n = self.plan(cache, cols, predict)
+        cols, _ = self.plan(cache, cols, predict)
         dev, m = x.device, self.model
         if isinstance(cols, tuple):
             lo, hi = cols
@@ -594,8 +600,46 @@ class Backbone:
                     cache._host[c] = 1
         if self.cfg.shifted_logits:
             hidden = self._shift_step(hidden, cols, pos, cache)
-        hidden = self._select(hidden, cols, predict)
+        rows = self._rows(cols, predict, dev)
+        if isinstance(rows, slice):
+            hidden = hidden[:, rows]
+        elif rows.dim() == 1:
+            hidden = hidden.index_select(1, rows)
+        else:
+            hidden = hidden.gather(1, rows[..., None].expand(-1, -1, hidden.shape[-1]))
         return m.head(hidden)
+
+    def step_columns(self, cache: KVCache, cols: Cols, predict=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host layout of a :meth:`step`: the buffer columns it processes (n,) and, for each returned
+        logits row, its index among them ((P,) or (B, P)).  For test doubles that edit logits."""
+        cols, n = self.plan(cache, cols, predict)
+        dev = self.device
+        call = torch.arange(*cols, device=dev) if isinstance(cols, tuple) else torch.tensor(cols, device=dev)
+        rows = self._rows(cols, predict, dev)
+        if isinstance(rows, slice):
+            rows = torch.arange(n, device=dev)[rows]
+        return call, rows
+
+    @staticmethod
+    def _rows(cols, predict, dev):
+        """Which processed rows a step returns: a slice (contiguous) or an index tensor."""
+        if predict is None:
+            return slice(None)
+        if isinstance(predict, torch.Tensor):
+            if not isinstance(cols, tuple):
+                raise TypeError("a tensor `predict` needs contiguous columns (lo, hi)")
+            return predict - cols[0]
+        if isinstance(cols, tuple):
+            if isinstance(predict, tuple):
+                a, b = predict
+                if not cols[0] <= a < b <= cols[1]:
+                    raise ValueError(f"predict {predict} lies outside the call's columns {cols}")
+                return slice(a - cols[0], b - cols[0])
+            rows = [p - cols[0] for p in predict]
+        else:
+            at = {c: i for i, c in enumerate(cols)}
+            rows = [at[p] for p in (range(*predict) if isinstance(predict, tuple) else predict)]
+        return torch.tensor(rows, device=dev)
 
     @staticmethod
     def _fills(cache: KVCache, cols) -> bool:
@@ -617,30 +661,6 @@ class Backbone:
         if cache.valid is not None:  # a row's first real token (position 0) keeps its own row
             out = torch.where((pos == 0)[..., None], hidden, out)
         return out
-
-    @staticmethod
-    def _select(hidden, cols, predict):
-        if predict is None:
-            return hidden
-        if isinstance(predict, torch.Tensor):
-            if not isinstance(cols, tuple):
-                raise ValueError("a tensor `predict` needs contiguous columns (lo, hi)")
-            p = predict - cols[0]
-            if p.dim() == 1:
-                return hidden.index_select(1, p)
-            return hidden.gather(1, p[..., None].expand(-1, -1, hidden.shape[-1]))
-        if isinstance(cols, tuple):
-            if isinstance(predict, tuple):
-                a, b = predict
-                if not cols[0] <= a < b <= cols[1]:
-                    raise ValueError(f"predict {predict} lies outside the call's columns {cols}")
-                return hidden[:, a - cols[0]:b - cols[0]]
-            rows = [p - cols[0] for p in predict]
-        else:
-            at = {c: i for i, c in enumerate(cols)}
-            want = range(*predict) if isinstance(predict, tuple) else predict
-            rows = [at[p] for p in want]
-        return hidden.index_select(1, torch.tensor(rows, device=hidden.device))
 
     def count_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

@@ -252,8 +252,8 @@ def dream_sample_tokens(logits: torch.Tensor, temperature: float, top_p: Optiona
     if top_k is not None:
         logits = filter_top_k(logits, top_k)
     probs = torch.softmax(logits, dim=-1)
-    valid = bool(torch.isfinite(probs).all()) and bool((probs.sum(-1) > 0).all())
-    if temperature > 0 and valid and probs.shape[0] > 0:
+    # a categorical draw needs a valid distribution (one host check, only when sampling)
+    if temperature > 0 and probs.shape[0] > 0 and bool((torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)).all()):
         if rng is None:
             raise ValueError("dream_sample_tokens needs a torch.Generator when temperature > 0")
         tokens = categorical_sample(probs, rng)
@@ -366,6 +366,12 @@ def fill_after_first_eos(tokens: torch.Tensor, eos_ids, fill_id: int) -> tuple[t
 __all__ += ["fork_point"]
 
 
+def _values(seq, lo: int, hi: int) -> list:
+    """``seq[lo:hi]`` as a Python list, for a 1-D tensor or a list."""
+    part = seq[lo:hi]
+    return part.tolist() if isinstance(part, torch.Tensor) else list(part)
+
+
 def fork_point(tokens: torch.Tensor, confidence: torch.Tensor, lo: int, hi: int, mask_id: int,
                delimiters, delimiter_threshold: float, max_residual_fraction: float,
                min_prefix: int) -> Optional[int]:
@@ -377,13 +383,12 @@ def fork_point(tokens: torch.Tensor, confidence: torch.Tensor, lo: int, hi: int,
     prefix ``[lo, p]`` has ``p + 1 - lo >= min_prefix`` tokens, and its masks number at least one
     (something left to refine) and at most ``max_residual_fraction`` of it (mostly settled).
     ``tokens``, ``confidence``: 1-D over absolute positions (the confidence each token was
-    committed with); only ``[lo, hi)`` is read.
+    committed with), tensors or Python lists; only ``[lo, hi)`` is read.
     """
     delims = set(int(d) for d in delimiters)
     if not delims or hi <= lo:
         return None
-    block = tokens[lo:hi].tolist()
-    conf = confidence[lo:hi].tolist()
+    block, conf = _values(tokens, lo, hi), _values(confidence, lo, hi)
     masked = [t == mask_id for t in block]
     residual = 0
     prefix_masks = []  # masks in [lo, lo + j]
@@ -408,11 +413,11 @@ def line_forks(tokens: torch.Tensor, confidence: torch.Tensor, lo: int, hi: int,
     ``tokens[p]`` is a delimiter committed with ``confidence[p] >= delimiter_threshold`` and the
     segment since the previous qualifying boundary (or ``lo``) has at least one mask and at least
     ``min_prefix`` tokens.  No residual-fraction test: the masks left are what the refine lane
-    verifies.  ``tokens``, ``confidence``: 1-D over absolute positions.
+    verifies.  ``tokens``, ``confidence``: 1-D over absolute positions, tensors or Python lists.
     """
     delims = set(int(d) for d in delimiters)
     out, start, masks = [], lo, 0
-    block, conf = tokens[lo:hi].tolist(), confidence[lo:hi].tolist()
+    block, conf = _values(tokens, lo, hi), _values(confidence, lo, hi)
     for j, t in enumerate(block):
         if t == mask_id:
             masks += 1

@@ -168,6 +168,12 @@ def init_buffer(backbone, prompts: Sequence[Sequence[int]], gen_length: int):
     return x, key_mask, positions, P
 
 
+def padding_mask(key_mask: torch.Tensor, prompts: Sequence[Sequence[int]]) -> Optional[torch.Tensor]:
+    """``key_mask`` when the prompts differ in length (some rows are padded), else None: known on the
+    host from the prompt lengths, so an unpadded call passes no mask to the attention kernel."""
+    return key_mask if len({len(p) for p in prompts}) > 1 else None
+
+
 def first_eos_cut(tokens: torch.Tensor, eos_ids: Sequence[int]) -> list[list[int]]:
     """The one definition of generated tokens: up to and including the first EOS-like id."""
     out = []

@@ -79,3 +79,43 @@ def import_file(name: str, path) -> object:
         sys.modules[name] = mod
         spec.loader.exec_module(mod)
     return sys.modules[name]
+
+
+class LogitsHook:
+    """A delegating test backbone that sees (and may edit) the logits of every model call, whichever
+    entry point the sampler uses (:meth:`Backbone.forward` or :meth:`Backbone.step`).
+
+    Subclasses implement :meth:`adjust`; everything else is delegated to the wrapped backbone.
+    """
+
+    def __init__(self, bb):
+        self._bb = bb
+
+    def adjust(self, logits: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
+               rows: torch.Tensor) -> torch.Tensor:
+        """logits (B, P, V) of one call; ids / positions (B, T): the call's tokens and their positions;
+        rows (B, P): the index among the T of the token each logits row predicts."""
+        return logits
+
+    def edit_ids(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The tokens the model is given instead of ``ids`` (B, T) at ``positions`` (default: the same)."""
+        return ids
+
+    def forward(self, ids, positions=None, predict=None, **kwargs):
+        B, T = ids.shape
+        ar = torch.arange(T, device=ids.device).expand(B, T)
+        pos = ar if positions is None else positions
+        ids = self.edit_ids(ids, pos)
+        logits = self._bb.forward(ids, positions=positions, predict=predict, **kwargs)
+        return self.adjust(logits, ids, pos, ar if predict is None else predict)
+
+    def step(self, x, cache, cols, predict=None, **kwargs):
+        x = self.edit_ids(x, cache.positions[: x.shape[0]])
+        logits = self._bb.step(x, cache, cols, predict=predict, **kwargs)
+        call, rows = self._bb.step_columns(cache, cols, predict)
+        B = x.shape[0]
+        return self.adjust(logits, x[:, call], cache.positions[:B][:, call],
+                           rows.expand(B, -1) if rows.dim() == 1 else rows)
+
+    def __getattr__(self, name):
+        return getattr(self._bb, name)

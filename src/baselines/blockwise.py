@@ -73,7 +73,7 @@ from typing import Optional, Sequence
 import torch
 
 from asynclane import rules
-from asynclane.sampler import Generation, SamplerConfig, check_block_length, init_buffer, register
+from asynclane.sampler import Generation, SamplerConfig, check_block_length, init_buffer, padding_mask, register
 
 REMASKING = ("low_confidence", "random")
 
@@ -122,6 +122,7 @@ class BlockwiseSampler:
     def generate(self, backbone, prompts: Sequence[Sequence[int]], rng: torch.Generator) -> Generation:
         cfg, spec = self.cfg, backbone.spec
         x, key_mask, positions, P = init_buffer(backbone, prompts, cfg.gen_length)
+        pad = padding_mask(key_mask, prompts)  # None when no row is padded: no attention mask
         eos_col = torch.tensor([spec.eos_id], device=x.device)
         eos_eot_cols = torch.tensor(spec.eos_ids, device=x.device)
 
@@ -131,7 +132,7 @@ class BlockwiseSampler:
             quota = rules.uniform_transfer_counts(x[:, lo:hi] == spec.mask_id, cfg.steps_per_block)
             for step in range(cfg.steps_per_block):
                 is_masked = x == spec.mask_id
-                logits = backbone.forward(x, positions=positions, key_mask=key_mask)
+                logits = backbone.forward(x, positions=positions, key_mask=pad)
                 if cfg.logits_eos_inf:
                     logits = logits.index_fill(-1, eos_col, float("-inf"))
                 x0 = rules.gumbel_argmax(logits, cfg.temperature, rng)

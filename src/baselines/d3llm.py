@@ -114,7 +114,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from asynclane import rules
-from asynclane.sampler import Generation, SamplerConfig, check_block_length, init_buffer, register
+from asynclane.sampler import Generation, SamplerConfig, check_block_length, init_buffer, padding_mask, register
 
 CACHES = ("none", "delayed")
 
@@ -170,7 +170,10 @@ class D3llmSampler:
         x, key_mask, positions, P = init_buffer(backbone, prompts, cfg.gen_length)
         (B, T), Lb, G, dev = x.shape, cfg.block_length, cfg.gen_length, x.device
         nb = G // Lb
+        pad = padding_mask(key_mask, prompts)
         cache = None if cfg.cache == "none" else backbone.new_cache(B, T)
+        seam = B == 1  # one row: the static decode step (slot == column); rows with their own
+        # boundaries: the general call, whose key mask hides each row's cached columns
         lead = 1 if spec.family == "dream" else 0  # Dream's row for p needs p-1 in the same call
         col = torch.arange(T, device=dev)
         block_of = torch.arange(G, device=dev) // Lb  # (G,) block index of each answer position
@@ -178,9 +181,11 @@ class D3llmSampler:
         mask_col = torch.tensor([spec.mask_id], device=dev)
         added = torch.ones(B, dtype=torch.long, device=dev)  # blocks in flight or done, per row
         done_at = torch.full((B, nb), -1, dtype=torch.long, device=dev)  # step that first saw block k done
+        stalled = torch.zeros((), dtype=torch.bool, device=dev)
         step = 0
 
-        while bool((masked := x[:, P:] == spec.mask_id).any()):
+        while True:
+            masked = x[:, P:] == spec.mask_id
             live = masked.any(-1)
             left = masked.view(B, nb, Lb).sum(-1)  # (B, nb) masks left per block
             frac = 1 - left.double() / Lb
@@ -190,20 +195,35 @@ class D3llmSampler:
             added = added + ((added < nb) & grow[:, 0]).long()  # 2a: at most one block joins
             prev = torch.cat((torch.ones_like(frac[:, :1]), frac[:, :-1]), dim=1)
             full = (blocks < added[:, None]) & (prev >= cfg.decoded_token_threshold)  # 2b
-
-            width = int(added[live].max()) * Lb  # answer columns [P, P + width) hold every candidate
+            first = torch.where(live, self._settled_end(done_at, step, P) - lead, T)  # cached steps start here
+            # the iteration's one host transfer: anything left, the widest row, each row's boundary
+            host = torch.cat((live.any().view(1), stalled.view(1), (added * live).max().view(1), first)).tolist()
+            if host[1]:  # e.g. NaN logits: fail instead of looping forever
+                raise RuntimeError("d3llm: a step committed nothing in an unfinished row (non-finite logits?)")
+            if not host[0]:
+                break
+            width = host[2] * Lb  # answer columns [P, P + width) hold every candidate
             every = cfg.refresh_every
             if cache is None or (step == 0 if every is None else step % every == 0):  # full / refresh
                 lo = P
-                logits = backbone.forward(x, positions=positions, key_mask=key_mask, cache=cache,
-                                          write=cache is not None, predict=col[P:P + width].expand(B, -1))
+                want = col[P:P + width]
+                if cache is None:
+                    logits = backbone.forward(x, positions=positions, key_mask=pad, predict=want.expand(B, -1))
+                elif seam:
+                    logits = backbone.step(x, cache, (0, T), predict=want)
+                else:
+                    logits = backbone.forward(x, positions=positions, key_mask=key_mask, cache=cache, write=True,
+                                              predict=want.expand(B, -1))
             else:  # from each row's settled boundary (minus Dream's lead) to the end; the rest from the cache
-                first = torch.where(live, self._settled_end(done_at, step, P) - lead, T)
-                start = int(first.min().clamp(min=0))
+                start = max(0, min(host[3:]))
                 lo = max(P, start)
-                own = key_mask[:, start:] & (col[start:] >= first[:, None])  # a row's cached columns are hidden
-                logits = backbone.forward(x[:, start:], positions=positions[:, start:], key_mask=own, cache=cache,
-                                          write=True, predict=(col[lo:P + width] - start).expand(B, -1))
+                if seam:
+                    logits = backbone.step(x, cache, (start, T), predict=col[lo:P + width])
+                else:
+                    own = key_mask[:, start:] & (col[start:] >= first[:, None])  # a row's cached columns are hidden
+                    logits = backbone.forward(x[:, start:], positions=positions[:, start:], key_mask=own,
+                                              cache=cache, write=True,
+                                              predict=(col[lo:P + width] - start).expand(B, -1))
 
             gen = x[:, P:]
             proposal, certainty = gen.clone(), torch.full((B, G), float("-inf"), dtype=torch.float64, device=dev)
@@ -215,8 +235,7 @@ class D3llmSampler:
             needy = full & (left > 0)  # forced progress: the first fully activated block with masks
             region = (block_of == needy.long().argmax(-1)[:, None]) & needy.any(-1)[:, None]
             commit = rules.commit_best_in(commit, score, region)
-            if bool((live & ~commit.any(-1)).any()):  # e.g. NaN logits: fail instead of looping forever
-                raise RuntimeError("d3llm: a step committed nothing in an unfinished row (non-finite logits?)")
+            stalled = (live & ~commit.any(-1)).any()  # checked at the next transfer
             gen = torch.where(commit, proposal, gen)
             if cfg.early_stop:  # the blocks after the EOS now hold no mask: none is decoded or waited for
                 gen, _ = rules.fill_after_first_eos(gen, spec.eos_ids, spec.eos_id)

@@ -76,7 +76,7 @@ from typing import Sequence
 import torch
 
 from asynclane import rules
-from asynclane.sampler import Generation, SamplerConfig, check_block_length, init_buffer, register
+from asynclane.sampler import Generation, SamplerConfig, check_block_length, init_buffer, padding_mask, register
 
 
 @dataclass
@@ -108,6 +108,7 @@ class DParallelSampler:
     def generate(self, backbone, prompts: Sequence[Sequence[int]], rng: torch.Generator) -> Generation:
         cfg, spec = self.cfg, backbone.spec
         x, key_mask, positions, P = init_buffer(backbone, prompts, cfg.gen_length)
+        pad = padding_mask(key_mask, prompts)  # None when no row is padded: no attention mask
         B, Lb = x.shape[0], cfg.block_length
         block_rows = torch.arange(Lb, device=x.device).expand(B, Lb)
         mask_col = torch.tensor([spec.mask_id], device=x.device)
@@ -116,7 +117,7 @@ class DParallelSampler:
         for lo in range(P, P + cfg.gen_length, Lb):
             hi = lo + Lb
             while bool((masked := x[:, lo:hi] == spec.mask_id).any()):
-                logits = backbone.forward(x, positions=positions, key_mask=key_mask, predict=block_rows + lo)
+                logits = backbone.forward(x, positions=positions, key_mask=pad, predict=block_rows + lo)
                 proposal = rules.gumbel_argmax(logits.index_fill(-1, mask_col, float("-inf")), cfg.temperature, rng)
                 certainty = rules.confidence_neg_entropy(logits, torch.float64)  # -H
                 commit = rules.commit_threshold(rules.restrict_confidence(certainty, masked), -cfg.threshold)

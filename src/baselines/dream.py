@@ -78,7 +78,7 @@ from typing import Optional, Sequence
 import torch
 
 from asynclane import rules
-from asynclane.sampler import Generation, SamplerConfig, init_buffer, register
+from asynclane.sampler import Generation, SamplerConfig, init_buffer, padding_mask, register
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 _MEASURE = {"maskgit_plus": "prob", "topk_margin": "margin", "entropy": "neg_entropy"}
@@ -129,6 +129,7 @@ class DreamSampler:
     def generate(self, backbone, prompts: Sequence[Sequence[int]], rng: torch.Generator) -> Generation:
         cfg, spec = self.cfg, backbone.spec
         x, key_mask, positions, P = init_buffer(backbone, prompts, cfg.gen_length)
+        pad = padding_mask(key_mask, prompts)  # None when no row is padded: no attention mask
         timesteps = rules.dream_timesteps(cfg.num_steps, cfg.eps, device=x.device)
         sample = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, rng=rng)
         mask_col = torch.tensor([spec.mask_id], device=x.device)
@@ -137,7 +138,7 @@ class DreamSampler:
         for i in range(cfg.num_steps):
             t, s, last = timesteps[i], timesteps[i + 1], i == cfg.num_steps - 1
             is_masked = x == spec.mask_id
-            logits = backbone.forward(x, positions=positions, key_mask=key_mask)
+            logits = backbone.forward(x, positions=positions, key_mask=pad)
             logits = logits.index_fill(-1, mask_col, float("-inf"))  # never propose the mask (Deviations)
             masked_logits = logits[is_masked]  # (N, V), row-major over (batch, position)
             if cfg.alg == "origin":

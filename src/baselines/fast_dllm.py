@@ -101,7 +101,7 @@ from typing import Optional, Sequence
 import torch
 
 from asynclane import rules
-from asynclane.sampler import Generation, SamplerConfig, check_block_length, init_buffer, register
+from asynclane.sampler import Generation, SamplerConfig, check_block_length, init_buffer, padding_mask, register
 
 CACHES = ("none", "prefix", "dual")
 
@@ -156,25 +156,25 @@ class FastDllmSampler:
         first_only = cfg.first_after_refresh(spec.family)
         self._check_dream_rows(spec.family, first_only)
         x, key_mask, positions, P = init_buffer(backbone, prompts, cfg.gen_length)
+        pad = padding_mask(key_mask, prompts)  # None: no row is padded, no attention mask at all
         B, Lb = x.shape[0], cfg.block_length
-        cache = None if cfg.cache == "none" else backbone.new_cache(B, x.shape[1])
-        block_rows = torch.arange(Lb, device=x.device).expand(B, Lb)  # the block's rows within a call
+        cache = None if cfg.cache == "none" else backbone.new_cache(B, x.shape[1], key_mask=pad)
         mask_col = torch.tensor([spec.mask_id], device=x.device)
 
         for lo in range(P, P + cfg.gen_length, Lb):
             hi = lo + Lb
-            step = 0
+            block = torch.arange(lo, hi, device=x.device)  # the block's columns: rows asked for by index, so
+            step = 0                                       # Dream's row lo stays the reference's (no p-1 added)
             while bool((masked := x[:, lo:hi] == spec.mask_id).any()):
                 every = cfg.refresh_every
-                if cache is None or (step == 0 if every is None else step % every == 0):  # refresh
-                    logits = backbone.forward(x, positions=positions, key_mask=key_mask, cache=cache,
-                                              write=cache is not None, predict=block_rows + lo)
-                elif cfg.cache == "prefix":  # suffix queries; cached copies of their positions are hidden
-                    logits = backbone.forward(x[:, lo:], positions=positions[:, lo:], cache=cache,
-                                              predict=block_rows)
+                if cache is None:
+                    logits = backbone.forward(x, positions=positions, key_mask=pad, predict=block.expand(B, -1))
+                elif step == 0 if every is None else step % every == 0:  # refresh: every slot rewritten
+                    logits = backbone.step(x, cache, (0, x.shape[1]), predict=block)
+                elif cfg.cache == "prefix":  # the block and the suffix; [0, lo) read from the cache
+                    logits = backbone.step(x, cache, (lo, x.shape[1]), predict=block)
                 else:  # dual: the block's fresh K/V replace its slots in place, then it attends to all
-                    logits = backbone.forward(x[:, lo:hi], positions=positions[:, lo:hi], cache=cache,
-                                              write=True)
+                    logits = backbone.step(x, cache, (lo, hi))
                 # never propose the mask (Deviations); the confidence keeps the reference's softmax
                 proposal = rules.gumbel_argmax(logits.index_fill(-1, mask_col, float("-inf")), cfg.temperature, rng)
                 if step == 0 and first_only:  # Dream path: the block's first token, unconditionally

@@ -124,7 +124,8 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict:
 
     if todo:
         with _checkpoint_errors(model):
-            backbone = cached_backbone(model["name"], model.get("path") or TINY_DIR, dtype, device)
+            backbone = cached_backbone(model["name"], model.get("path") or TINY_DIR, dtype, device,
+                                       compile=bool(model.get("compile")))
         threads = choose_threads(conf.get("threads"), backbone)
         options = {k: v for k, v in conf["sampler"].items() if k not in ("name", "gen_length")}
         common = {"task": task.name, "task_version": task.version, "task_variant": getattr(task, "variant", ""),
@@ -244,10 +245,11 @@ _BACKBONES: dict = {}
 LOADS = 0
 
 
-def cached_backbone(name: str, path, dtype: torch.dtype, device: torch.device):
-    """The loaded backbone of (path, dtype, device), loading it the first time."""
+def cached_backbone(name: str, path, dtype: torch.dtype, device: torch.device, compile: bool = False):
+    """The loaded backbone of (path, dtype, device), loading it the first time; ``compile``: its layer
+    stack under ``torch.compile`` (``model.compile``, :meth:`asynclane.Backbone.compile`)."""
     global LOADS
-    key = (str(Path(path).resolve()) if Path(path).exists() else str(path), str(dtype), str(device))
+    key = (str(Path(path).resolve()) if Path(path).exists() else str(path), str(dtype), str(device), compile)
     if key in _BACKBONES:
         log.info("reusing the loaded %s from %s (%s, %s)", name, path, dtype, device)
         return _BACKBONES[key]
@@ -256,6 +258,9 @@ def cached_backbone(name: str, path, dtype: torch.dtype, device: torch.device):
     backbone = load_backbone(path, dtype=dtype, device=device)
     if backbone.tokenizer is None:
         raise CheckpointNotFound(f"{path} has no tokenizer files; the runner needs them to build prompts")
+    if compile:
+        log.info("compiling %s's layer stack (torch.compile, mode=reduce-overhead)", name)
+        backbone.compile()
     LOADS += 1
     _BACKBONES[key] = backbone
     return backbone
@@ -334,6 +339,8 @@ def _check_top_level(conf: dict) -> None:
     need(isinstance(conf.get("seed"), int), f"seed must be an integer, got {conf.get('seed')!r}")
     need(conf.get("threads") is None or (isinstance(conf["threads"], int) and conf["threads"] >= 1),
          f"threads must be an integer >= 1 or null, got {conf.get('threads')!r}")
+    need(isinstance(conf["model"].get("compile", False), bool),
+         f"model.compile must be true or false, got {conf['model'].get('compile')!r}")
 
 
 def _build_task(task_conf: dict):
@@ -371,6 +378,8 @@ def _build_sampler(sampler_conf: dict):
 def _fingerprint(conf: dict) -> str:
     key = {k: conf.get(k) for k in FINGERPRINT_KEYS}
     key["task"] = {k: v for k, v in key["task"].items() if k not in SELECTION_KEYS}
+    if not key["model"].get("compile"):  # eager rows keep the fingerprint they had before the key existed;
+        key["model"] = {k: v for k, v in key["model"].items() if k != "compile"}  # compiled rows differ
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from asynclane.sampler import build_sampler, first_eos_cut
-from asynclane.testing import random_prompts, run_counted
+from asynclane.testing import LogitsHook, random_prompts, run_counted
 from baselines.d3llm import D3llmConfig
 
 # the random backbones' entropies start near 3.0 (LLaDA) / 2.54 (Dream) nats: one, some or all pass
@@ -30,7 +30,7 @@ def _run(bb, prompts, seed=0, name="d3llm", **opts):
     return run_counted(name, bb, prompts, seed, **opts)
 
 
-class _EosAt:
+class _EosAt(LogitsHook):
     """Pins the first EOS-like id at absolute position ``q`` (one-hot row: entropy 0) and forbids
     EOS-like ids everywhere else.  ``hide_after``: the model never sees the tokens after ``q`` (they
     reach it as masks) and its rows there are uniform (maximal entropy), so nothing after ``q`` can
@@ -40,13 +40,13 @@ class _EosAt:
     def __init__(self, bb, q, hide_after=False):
         self._bb, self.q, self.hide_after = bb, q, hide_after
 
-    def forward(self, ids, positions=None, predict=None, **kwargs):
+    def edit_ids(self, ids, positions):
+        return ids.masked_fill(positions > self.q, self._bb.spec.mask_id) if self.hide_after else ids
+
+    def adjust(self, logits, ids, positions, rows):
         spec = self._bb.spec
-        pos = torch.arange(ids.shape[1]).expand_as(ids) if positions is None else positions
-        if self.hide_after:
-            ids = ids.masked_fill(pos > self.q, spec.mask_id)
-        logits = self._bb.forward(ids, positions=positions, predict=predict, **kwargs).clone()
-        pos = pos if predict is None else pos.gather(1, predict)
+        logits = logits.clone()
+        pos = positions.gather(1, rows)
         logits[..., list(spec.eos_ids)] = -torch.inf
         at = pos == self.q
         logits[at] = -torch.inf
@@ -54,9 +54,6 @@ class _EosAt:
         if self.hide_after:
             logits[pos > self.q] = 0.0
         return logits
-
-    def __getattr__(self, name):
-        return getattr(self._bb, name)
 
 
 class _NoEos(_EosAt):
@@ -232,16 +229,13 @@ def test_cached_steps_start_at_the_settled_boundary(backbone, cache_delay):
     8k + 7, settles ``cache_delay`` steps later, and from then on the calls start past it."""
     widths = []
 
-    class _Spy:
-        def forward(self, ids, *args, **kwargs):
+    class _Spy(LogitsHook):
+        def adjust(self, logits, ids, positions, rows):
             widths.append(ids.shape[1])
-            return backbone.forward(ids, *args, **kwargs)
-
-        def __getattr__(self, name):
-            return getattr(backbone, name)
+            return logits
 
     prompts = random_prompts(backbone, lengths=(6,), seed=7)
-    out, _ = _run(_Spy(), prompts, gen_length=32, block_length=8, threshold=0.0, block_add_threshold=1.01,
+    out, _ = _run(_Spy(backbone), prompts, gen_length=32, block_length=8, threshold=0.0, block_add_threshold=1.01,
                   early_stop=False, cache="delayed", cache_delay=cache_delay, refresh_every=None)
     lead = 1 if backbone.spec.family == "dream" else 0  # Dream recomputes the last settled position
     settled = [0] * cache_delay + [1] * 8 + [2] * 8 + [3] * 8 + [4] * (8 - cache_delay)  # prompt + blocks
@@ -261,21 +255,18 @@ def test_refresh_every_k_costs_refreshes_not_forwards(llada):
     assert c3.token_forwards == c_none.token_forwards + 5 * 22 - (16 + 16 + 8 + 8 + 8)
 
 
-class _Recorder:
+class _Recorder(LogitsHook):
     """Records, per call and row, the logits of every predicted still-masked position, by absolute position."""
 
     def __init__(self, bb):
-        self._bb, self.calls = bb, []
+        super().__init__(bb)
+        self.calls = []
 
-    def forward(self, ids, positions=None, predict=None, **kwargs):
-        logits = self._bb.forward(ids, positions=positions, predict=predict, **kwargs)
-        pos, tok = positions.gather(1, predict), ids.gather(1, predict)
+    def adjust(self, logits, ids, positions, rows):
+        pos, tok = positions.gather(1, rows), ids.gather(1, rows)
         self.calls.append([{int(p): row for p, t, row in zip(pos[r], tok[r], logits[r]) if t == self._bb.spec.mask_id}
                            for r in range(ids.shape[0])])
         return logits
-
-    def __getattr__(self, name):
-        return getattr(self._bb, name)
 
 
 def test_batch_rows_see_the_logits_of_their_single_runs(backbone):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from asynclane.sampler import build_sampler, first_eos_cut
-from asynclane.testing import random_prompts, run_counted
+from asynclane.testing import LogitsHook, random_prompts, run_counted
 from baselines.fast_dllm import FastDllmConfig
 
 CACHES = ["none", "prefix", "dual"]
@@ -315,16 +315,10 @@ def test_dream_first_token_comes_from_the_refresh(dream):
     """Dream + cache: at every block start only the first position is committed, whatever its confidence."""
     seen = []
 
-    class _Spy:
-        def __init__(self, bb):
-            self._bb = bb
-
-        def forward(self, ids, *args, **kwargs):
+    class _Spy(LogitsHook):
+        def adjust(self, logits, ids, positions, rows):
             seen.append(ids.clone())
-            return self._bb.forward(ids, *args, **kwargs)
-
-        def __getattr__(self, name):
-            return getattr(self._bb, name)
+            return logits
 
     prompts = random_prompts(dream, lengths=(6,), seed=3)
     out = build_sampler("fast_dllm", gen_length=32, block_length=8, threshold=0.0).generate(
@@ -370,7 +364,7 @@ def test_threshold_trades_steps_for_parallelism(backbone):
 
 # --- early exit -------------------------------------------------------------------------------
 
-class _EosAt:
+class _EosAt(LogitsHook):
     """Adds ``boost`` to the EOS-like logits of the rows predicting absolute position ``position``.
 
     The random models propose nearly the same token at every masked position; pinning EOS to one
@@ -380,17 +374,12 @@ class _EosAt:
     def __init__(self, bb, position, boost):
         self._bb, self.position, self.boost = bb, position, boost
 
-    def forward(self, ids, positions=None, predict=None, **kwargs):
-        logits = self._bb.forward(ids, positions=positions, predict=predict, **kwargs)
-        pos = torch.arange(ids.shape[1]).expand_as(ids) if positions is None else positions
-        pos = pos if predict is None else pos.gather(1, predict)
+    def adjust(self, logits, ids, positions, rows):
+        pos = positions.gather(1, rows)
         hit = (pos == self.position) if self.boost > 0 else torch.ones_like(pos, dtype=torch.bool)
         eos = torch.zeros(logits.shape[-1], dtype=logits.dtype)
         eos[list(self._bb.spec.eos_ids)] = self.boost
         return logits + hit[..., None] * eos
-
-    def __getattr__(self, name):
-        return getattr(self._bb, name)
 
 
 @pytest.mark.parametrize("cache", CACHES)
