@@ -1,6 +1,8 @@
 """CountingBackbone: the only place model calls are counted (samplers never count)."""
 from __future__ import annotations
 
+import torch
+
 
 class CountingBackbone:
     """Wraps a :class:`~asynclane.backbone.Backbone`; counts NFE and token-forwards.
@@ -37,8 +39,9 @@ class CountingBackbone:
 
 
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::item", "aten::masked_select",
-            "aten::nonzero_static", "aten::unique", "aten::_unique2", "aten::repeat_interleave")
-"""Ops that make the host wait for the device: a scalar read, or an output whose shape depends on data."""
+            "aten::nonzero_static", "aten::unique", "aten::_unique2", "aten::repeat_interleave", "Tensor.tolist")
+"""What makes the host wait for the device: a scalar read, an output whose shape depends on data, or a
+``Tensor.tolist()`` (on a CPU it dispatches no op, so :class:`OpCounter` counts the method itself)."""
 
 
 class OpCounter:
@@ -60,6 +63,21 @@ class OpCounter:
                 super().__init__()
                 self.ops = {}
 
+            def __enter__(self):
+                self._tolist = torch.Tensor.tolist
+                ops, orig = self.ops, self._tolist
+
+                def tolist(t, *args, **kwargs):
+                    ops["Tensor.tolist"] = ops.get("Tensor.tolist", 0) + 1
+                    return orig(t, *args, **kwargs)
+
+                torch.Tensor.tolist = tolist
+                return super().__enter__()
+
+            def __exit__(self, *exc):
+                torch.Tensor.tolist = self._tolist
+                return super().__exit__(*exc)
+
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 name = func._schema.name
                 self.ops[name] = self.ops.get(name, 0) + 1
@@ -71,6 +89,7 @@ class OpCounter:
 
             @property
             def kernels(self) -> int:
-                return sum(n for op, n in self.ops.items() if op.split("::")[-1] not in OpCounter.VIEW_OPS)
+                return sum(n for op, n in self.ops.items()
+                           if "::" in op and op.split("::")[-1] not in OpCounter.VIEW_OPS)
 
         return _Mode()
