@@ -239,7 +239,7 @@ def run(shapes, device, dtype, prompts, gens, block, lanes_list, warmup, iters, 
                                          baseline_syncs=osy)
                             rows.append(r)
                             print(json.dumps({k: v for k, v in r.items() if k not in meta}), flush=True)
-            bb.model._layers_fn = bb.model.run_layers
+            bb.uncompile()
         del bb, old
         if device.type == "cuda":
             torch.cuda.empty_cache()

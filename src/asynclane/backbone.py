@@ -237,8 +237,9 @@ class Transformer(nn.Module):
         for li, layer in enumerate(self.layers):
             h = layer.attn_norm(x)
             qkv = layer.qkv(h).view(B, T, self.groups, Hkv, hd)
-            r = qkv.float() if cfg.rope_fp32 else qkv
-            r = (r * cos + r.roll(hd // 2, dims=-1) * sin).to(x.dtype).view(B, T, H + 2 * Hkv, hd)
+            # LLaDA: cos/sin are fp32, so type promotion rotates in fp32 (bf16 -> fp32 is exact: the same
+            # values as an explicit .float(), one kernel fewer); Dream: cos/sin are in the act dtype
+            r = (qkv * cos + qkv.roll(hd // 2, dims=-1) * sin).to(x.dtype).view(B, T, H + 2 * Hkv, hd)
             q, fresh = r[:, :, :H].transpose(1, 2), r[:, :, H:]  # fresh: (B, T, 2 n_kv, hd)
             if kv is None:
                 keys = fresh
@@ -427,6 +428,7 @@ class Backbone:
     def __init__(self, model: Transformer, spec: BackboneSpec, tokenizer=None):
         self.model, self.spec, self.tokenizer = model, spec, tokenizer
         self.cfg = model.cfg
+        self.compiled = False  # compile(): the layer stack runs under torch.compile
 
     @property
     def device(self) -> torch.device:
@@ -444,8 +446,12 @@ class Backbone:
         c = self.cfg
         if length > c.max_length:
             raise ValueError(f"a cache of {length} slots exceeds the model's max_length {c.max_length}")
-        return KVCache(c.n_layers, batch, c.n_kv_heads, length, c.head_dim, self.dtype, self.device,
-                       key_mask=key_mask, lanes=lanes)
+        cache = KVCache(c.n_layers, batch, c.n_kv_heads, length, c.head_dim, self.dtype, self.device,
+                        key_mask=key_mask, lanes=lanes)
+        if self.compiled:  # the compiled graph mutates the cache in
+            for t in cache.kv:  # place; a static address lets CUDA graphs keep it instead of copying it
+                torch._dynamo.mark_static_address(t, guard=False)
+        return cache
 
     def compile(self, mode: Optional[str] = "reduce-overhead", backend: str = "inductor",
                 dynamic: Optional[bool] = None) -> "Backbone":
@@ -459,6 +465,12 @@ class Backbone:
         kw = {"mode": mode} if backend == "inductor" and mode else {}
         self.model._layers_fn = torch.compile(self.model.run_layers, backend=backend, fullgraph=True,
                                               dynamic=dynamic, **kw)
+        self.compiled = True
+        return self
+
+    def uncompile(self) -> "Backbone":
+        """Back to the eager layer stack."""
+        self.model._layers_fn, self.compiled = self.model.run_layers, False
         return self
 
     @torch.no_grad()

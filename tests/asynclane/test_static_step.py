@@ -196,5 +196,5 @@ def test_every_call_traces_as_one_graph(bb):
         for name in ("full (no cache)", "prefix step", "dual step", "3-lane step"):
             calls[name]()
     finally:
-        bb.model._layers_fn = bb.model.run_layers
+        bb.uncompile()
         torch._dynamo.reset()
