@@ -79,8 +79,12 @@ Deviations from reference:
 * Batch > 1 works (rows wait for the slowest row of the block; positions restart per row); the
   reference is batch 1, its dual cache mixes rows (PRs #17/#57) and its Dream model ignores
   padding-aware positions (§3.4) [C, S].
-* The cache holds post-RoPE K/V in absolute-position slots (backbone.py); the reference caches
-  pre-RoPE K/V and re-rotates; same attention given true absolute positions (§3.4) [C].
+* The cache holds post-RoPE K/V in buffer-column slots (backbone.py, ``Backbone.step``); the
+  reference caches pre-RoPE K/V and re-rotates; same attention given true absolute positions
+  (§3.4) [C].  A prefix step writes the block's and the suffix's fresh K/V into their slots before
+  attending (the step seam attends the cache in place, no concatenation); the reference keeps them
+  out of the cache.  Same logits: those slots are rewritten before anything reads them again (the
+  next step recomputes them, the next block starts with a refresh).
 * Steps forward the whole suffix (prefix mode) as the reference, but only the block's rows go
   through the LM head (the suffix rows are never used); NFE and token-forwards are unchanged.
 * The quota path (``threshold=None`` + ``steps``: the paper's "+Cache" baseline with LLaDA's
