@@ -101,7 +101,10 @@ Reconstruction choices and deviations from reference:
 * Batch > 1 works: block state, cache boundary and early stop are per row.  A cached step's
   query starts at the lowest boundary among unfinished rows, and each row masks out (as keys)
   the columns it has cached, reading those from the cache instead, so a batch equals its rows
-  run singly.  The reference is batch 1.
+  run singly (the general ``Backbone.forward`` with a key mask; one row uses the static
+  ``Backbone.step``).  The reference is batch 1.
+* One host transfer per step: whether masks are left, the widest row and every row's settled
+  boundary come back together (a row that committed nothing is reported at the next transfer).
 * ``cache_delay`` is its own key (the reference's ``cache_delay_iter``), ``refresh_every`` is
   ``refresh_interval``; ``lazy_cache_refresh_num`` and the scripts' ``skip_threshold`` are not
   used by this loop and not exposed.
