@@ -12,7 +12,7 @@ import torch
 from asynclane.lanes import DONE, GEN, KILLED, REF
 from asynclane.sampler import build_sampler, first_eos_cut
 from asynclane.samplers.asynclane import AsyncLaneConfig, delimiter_set
-from asynclane.testing import random_prompts, run_counted
+from asynclane.testing import LogitsHook, random_prompts, run_counted
 
 import baselines  # noqa: E402,F401  (registers fast_dllm for the equivalence tests)
 
@@ -21,40 +21,32 @@ DELIM = 10  # an ordinary id of the random vocabulary, used as the delimiter
 OFF = dict(max_lanes=1, draft_reuse=False, cascade=False, compact_refresh=False)
 
 
-class _Delim:
+class _Delim(LogitsHook):
     """Adds ``boost`` to the delimiter's logit in rows predicting positions ``p % every == offset``."""
 
     def __init__(self, bb, every=6, offset=3, boost=20.0):
-        self._bb, self.every, self.offset, self.boost = bb, every, offset, boost
+        super().__init__(bb)
+        self.every, self.offset, self.boost = every, offset, boost
 
-    def forward(self, ids, positions=None, predict=None, **kwargs):
-        logits = self._bb.forward(ids, positions=positions, predict=predict, **kwargs)
-        pos = torch.arange(ids.shape[1]).expand_as(ids) if positions is None else positions
-        pos = pos if predict is None else pos.gather(1, predict)
+    def adjust(self, logits, ids, positions, rows):
+        pos = positions.gather(1, rows)
         add = torch.zeros(logits.shape[-1], dtype=logits.dtype)
         add[DELIM] = self.boost
         return logits + ((pos % self.every) == self.offset)[..., None] * add
 
-    def __getattr__(self, name):
-        return getattr(self._bb, name)
 
-
-class _EosAt:
+class _EosAt(LogitsHook):
     """Adds ``boost`` to the EOS-like logits of rows predicting absolute position ``position``."""
 
     def __init__(self, bb, position, boost=30.0):
-        self._bb, self.position, self.boost = bb, position, boost
+        super().__init__(bb)
+        self.position, self.boost = position, boost
 
-    def forward(self, ids, positions=None, predict=None, **kwargs):
-        logits = self._bb.forward(ids, positions=positions, predict=predict, **kwargs)
-        pos = torch.arange(ids.shape[1]).expand_as(ids) if positions is None else positions
-        pos = pos if predict is None else pos.gather(1, predict)
+    def adjust(self, logits, ids, positions, rows):
+        pos = positions.gather(1, rows)
         eos = torch.zeros(logits.shape[-1], dtype=logits.dtype)
         eos[list(self._bb.spec.eos_ids)] = self.boost
         return logits + (pos == self.position)[..., None] * eos
-
-    def __getattr__(self, name):
-        return getattr(self._bb, name)
 
 
 def _run(name, bb, prompts, **opts):
@@ -244,11 +236,11 @@ class _LateEos(_EosAt):
         super().__init__(bb, position, boost)
         self.after, self.calls = after, 0
 
-    def forward(self, ids, **kwargs):
+    def adjust(self, logits, ids, positions, rows):
         self.calls += 1
         if self.calls <= self.after:
-            return self._bb.forward(ids, **kwargs)
-        return super().forward(ids, **kwargs)
+            return logits
+        return super().adjust(logits, ids, positions, rows)
 
 
 @pytest.mark.parametrize("cache", CACHES)
@@ -311,12 +303,10 @@ class _Tok:
 
 
 def test_delimiters_come_from_the_tokenizer_or_the_option(backbone):
-    class _WithTok:
+    class _WithTok(LogitsHook):
         def __init__(self, bb, tok):
-            self._bb, self.tokenizer = bb, tok
-
-        def __getattr__(self, name):
-            return getattr(self._bb, name)
+            super().__init__(bb)
+            self.tokenizer = tok
 
     V = backbone.spec.vocab_size
     words = [f"w{i}" for i in range(V)]

@@ -9,29 +9,37 @@ import pytest
 import torch
 
 from asynclane.lanes import DONE, KILLED
-from asynclane.testing import random_prompts
+from asynclane.testing import LogitsHook, random_prompts
 
 from test_asynclane import CACHES, FORKY, _checked_forks, _Delim, _EosAt, _check_invariants, _run
 
 SPEC = dict(FORKY, speculate=True)
 
 
-class _Rows:
-    """Records the ids, positions and write_row of every forward."""
+class _Rows(LogitsHook):
+    """Records the ids and positions of every call and, for a step, how it used the cache: its rows,
+    ``write``, the lane cache's rows, and afterwards the tokens the cache holds at the call's columns
+    and whether every lane row of the cache holds the same K/V."""
 
     def __init__(self, bb):
-        self._bb, self.calls = bb, []
+        super().__init__(bb)
+        self.calls, self._step = [], None
 
-    def forward(self, ids, positions=None, **kwargs):
-        self.calls.append({"ids": ids.clone(), "positions": None if positions is None else positions.clone(),
-                           "write_row": kwargs.get("write_row")})
-        return self._bb.forward(ids, positions=positions, **kwargs)
+    def step(self, x, cache, cols, **kwargs):
+        self._step = {"rows": x.shape[0], "write": kwargs.get("write", True), "lanes": cache.lanes}
+        logits = super().step(x, cache, cols, **kwargs)
+        call, _ = self._bb.step_columns(cache, cols, kwargs.get("predict"))
+        self.calls[-1]["step"].update(cached=cache.tokens[0, call].clone(),
+                                      agree=all(torch.equal(kv[1:], kv[:1].expand_as(kv[1:])) for kv in cache.kv))
+        return logits
 
-    def __getattr__(self, name):
-        return getattr(self._bb, name)
+    def adjust(self, logits, ids, positions, rows):
+        self.calls.append({"ids": ids.clone(), "positions": positions.clone(), "step": self._step})
+        self._step = None
+        return logits
 
 
-class _Chain:
+class _Chain(LogitsHook):
     """Lines of ``every`` positions (the delimiter of :class:`_Delim` at ``offset``), each with one
     *result* just before its delimiter that depends on the previous line's result.  Every position's
     target ``20 + p % 5`` gets a strong logit boost; but for a result whose previous result (``every``
@@ -41,26 +49,21 @@ class _Chain:
     Calls must be contiguous (the speculative path's are); positions left of a call are settled."""
 
     def __init__(self, bb, every=6, offset=3):
-        self._bb, self.every, self.offset = bb, every, offset
+        super().__init__(bb)
+        self.every, self.offset = every, offset
 
-    def forward(self, ids, positions=None, predict=None, **kwargs):
-        logits = self._bb.forward(ids, positions=positions, predict=predict, **kwargs)
-        pos = torch.arange(ids.shape[1]).expand_as(ids) if positions is None else positions
+    def adjust(self, logits, ids, pos, rows):
         dep = pos - self.every
         inside = dep >= pos[:, :1]
         dep_tok = ids.gather(1, (dep - pos[:, :1]).clamp(min=0))
         known = ~inside | (dep_tok != self._bb.spec.mask_id)
         result = (pos % self.every) == (self.offset - 1) % self.every
-        if predict is not None:
-            pos, known, result = pos.gather(1, predict), known.gather(1, predict), result.gather(1, predict)
+        pos, known, result = pos.gather(1, rows), known.gather(1, rows), result.gather(1, rows)
         on = ((pos % self.every) != self.offset)
         target, rival = (20 + pos % 5)[..., None], (30 + pos % 5)[..., None]
         logits = logits.scatter_add(-1, target, (20.0 * on).to(logits.dtype)[..., None])
         weak = (result & ~known & on)[..., None]  # a rival 0.5 behind: the argmax, at p < 0.63
         return logits.scatter(-1, rival, torch.where(weak, logits.gather(-1, target) - 0.5, logits.gather(-1, rival)))
-
-    def __getattr__(self, name):
-        return getattr(self._bb, name)
 
 
 def _spec(bb, cache="prefix", **opts):
@@ -96,8 +99,28 @@ def test_one_call_of_one_row_per_lane_each_filling_the_drafts_left_of_it(backbon
         for i in range(1, ids.shape[0]):  # a later row only fills masks of the row before it
             prev, cur = ids[i - 1], ids[i]
             assert bool(((prev == cur) | (prev == M)).all())
-        if cache != "none":  # the buffer's own row (row 0) updates the cache; one row writes itself
-            assert call["write_row"] == (0 if ids.shape[0] > 1 else None)
+        if cache == "none":  # full forwards
+            assert call["step"] is None
+        else:  # one step over the lane cache, every row at once; the buffer's own row (row 0) is what it keeps
+            step = call["step"]
+            assert (step["rows"], step["write"], step["lanes"]) == (ids.shape[0], True, 4)
+            assert step["agree"] and torch.equal(step["cached"], ids[0])
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_without_lane_batching_each_row_is_its_own_step_and_only_row_0_writes(backbone, cache):
+    out, counting, calls = _recorded(backbone, cache, lane_batching=False)
+    batched, _, together = _recorded(backbone, cache)
+    assert torch.equal(out.sequences, batched.sequences)
+    assert counting.nfe == len(calls) == sum(r["rows"] for r in out.trace) > len(out.trace)
+    i = 0
+    for rec, joint in zip(out.trace, together):
+        for r in range(rec["rows"]):  # the rows of the batched call, one step each, row 0 first
+            call, i = calls[i], i + 1
+            assert torch.equal(call["ids"][0], joint["ids"][r])
+            step = call["step"]
+            assert (step["rows"], step["write"], step["lanes"]) == (1, r == 0, 4)
+            assert step["agree"] and torch.equal(step["cached"], joint["ids"][0])  # read-only rows leave it
 
 
 def test_accepted_tokens_are_the_drafts_the_rows_right_of_them_saw(backbone):

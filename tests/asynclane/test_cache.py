@@ -461,7 +461,7 @@ def test_write_row_stores_one_rows_kv_after_a_read_only_batch(family):
 def test_positions_outside_the_cache_raise():
     bb, _ = pair("llada")
     cache = bb.new_cache(1, 8)
-    with pytest.raises(IndexError):
+    with pytest.raises(RuntimeError, match=r"cache positions must lie in \[0, 8\)"):
         bb.forward(rand_ids(bb, 1, 4, seed=1), ar(6, 10), cache=cache, write=True)
 
 

@@ -26,7 +26,10 @@ Algorithm, one-row path (batch 1; one sequence, one lane tree, :mod:`asynclane.l
    of the buffer, settled prefix read from the cache; ``dual``: the lanes' working positions only
    (+ lookahead), everything else read from the cache and the call's K/V written in place.
    Dream family: a lane whose working block ``[lo, e)`` starts with a mask also carries
-   ``lo - 1`` (that row comes from ``lo - 1``, backbone.py).
+   ``lo - 1`` (that row comes from ``lo - 1``, backbone.py).  With a cache the call is one
+   :meth:`Backbone.step` over those columns (slot == column; ``write=False`` for a call that
+   writes nothing: ``prefix`` with ``compact_refresh`` off between refreshes); without one, a
+   full :meth:`Backbone.forward`.
 3. Refresh.  ``compact_refresh`` off (Fast-dLLM's rule): a full-buffer forward that rewrites
    every slot, at the first step of each GEN block, every ``refresh_every`` GEN steps, and
    whenever the cheap call would read a stale slot; its logits are the step's logits.
@@ -76,6 +79,13 @@ Algorithm, one-row path (batch 1; one sequence, one lane tree, :mod:`asynclane.l
 
 NFE: one call per iteration with ``lane_batching``; one per active lane without it.
 
+Host and device (both paths): the lane tree and every piece of bookkeeping (the buffer row,
+``written``: the token whose K/V each slot holds, ``conf_at``, the drafts and seeds) are Python
+lists and dicts on the host, where the rules above run.  Each iteration sends its call's rows to
+the device in one copy, computes there everything the iteration reads from the logits (the
+proposals, their confidences, and the probability of each draft a verify or guard checks) and
+reads it back in ONE transfer: one host-device sync per iteration (the model calls make none).
+
 Speculative lanes (``speculate``, the default; ours).  Why: on the embedded model the one-row
 path's refine lanes settle one or two dependent results per call (arith: each line's result
 needs the line above), and its draft guard cannot tell a wrong draft from a right one: a model
@@ -84,7 +94,7 @@ buffer gets probability 0.9997 at its own position).  Checking a draft needs the
 in the row that checks it, with its left context filled in.  So lanes become rows:
 
 S1. Each iteration is ONE call with one row per ACTIVE lane, in position order (mechanism 1:
-    the rows share the cached prompt/settled prefix by broadcast, no copies).  Lane i's row is
+    the rows share the cached prompt/settled prefix through a lane cache, no copies).  Lane i's row is
     the buffer with the *drafts* (the previous view's proposals at masked positions, mechanism
     2: lookahead predictions reused as context at no extra call) of the lanes left of it filled
     in; its own masks and everything to its right stay as they are.
@@ -107,10 +117,14 @@ S5. Cascade (mechanism 3) as step 5.  Fork at *every* committed delimiter of a G
 S6. Cache (mechanism 4): every row covers the same contiguous range, from the first predicted
     position (or the first stale slot below it: compact refresh; or 0: a full refresh, with
     ``compact_refresh`` off or ``refresh_every``) to the buffer's end (the answer's end once
-    the EOS tail is written).  Row 0 (the leftmost lane's) is the buffer itself: its K/V are
-    written into the cache (``write_row``) while the other rows only read it.  ``dual`` behaves
-    as ``prefix`` here (rows differ to the right, so their right context cannot come from one
-    cache).  The call's logits are the step's logits (refresh-logit reuse).
+    the EOS tail is written).  The cache is a *lane cache* (``new_cache(1, T, lanes=max_lanes)``:
+    the one state kept in ``max_lanes`` identical rows) and the call one :meth:`Backbone.step`:
+    each row attends the shared state plus its own fresh K/V, and afterwards the cache keeps row
+    0's (the leftmost lane's row, the buffer itself), so no draft enters the cache.
+    ``lane_batching=False``: one single-row step per row, row 0's writing, the others read-only
+    (``write=False``; the same outputs, since every row covers the same columns).  ``dual``
+    behaves as ``prefix`` here (rows differ to the right, so their right context cannot come
+    from one cache).  The call's logits are the step's logits (refresh-logit reuse).
 
 Measured (embedded model, first 50 held-out problems, L=256, ``python scripts/benchmark.py``):
 arith 4.4 -> 2.6 calls per answer at 96% -> 98% exact; listops 2.0 -> 1.8 at 96%.  Cost: the
@@ -174,6 +188,7 @@ Deviations / reconstruction choices (tags as research/asynclane.md):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -184,6 +199,7 @@ from asynclane.lanes import DONE, GEN, REF, LaneTree, stitch
 from asynclane.sampler import Generation, SamplerConfig, left_pad, register
 
 CACHES = ("none", "prefix", "dual")
+_NEG_INF = float("-inf")
 
 
 @dataclass
@@ -272,15 +288,16 @@ class AsyncLaneSampler:
         delims = self._delims[key]
         if cfg.draft_reuse and cfg.speculate:
             return self._generate_speculative(backbone, prompts, rng, delims)
+        M, dev = spec.mask_id, backbone.device
         dream = spec.family == "dream"
         first_only = cfg.first_after_refresh(spec.family)
-        x, key_mask, P, T, cache, written, conf_at, mask_col, eos_t, tree = self._start(backbone, prompts)
+        row, P, T, cache, written, conf_at, tree = self._start(backbone, prompts)
+        mask_col = torch.tensor([M], device=dev)
         end, it = T, 0
         seeded: set = set()  # positions committed from drafts, not yet re-verified
         trace = []
 
         while active := tree.active():
-            row = x[0]
             gen = [l for l in active if l.kind == GEN]
             want_full = cache is not None and self._wants_full(gen)
             pred = {p for l in active for p in l.working}  # rows whose logits the step reads
@@ -289,18 +306,23 @@ class AsyncLaneSampler:
             pred = sorted(pred)
             need = set(pred)
             if dream:  # a masked first position needs its left neighbour in the call (backbone.py)
-                need |= {l.lo - 1 for l in active if row[l.lo] == spec.mask_id}
+                need |= {l.lo - 1 for l in active if row[l.lo] == M}
             need = sorted(need)
-            stale = (written != row).nonzero().flatten().tolist() if cache is not None else []
+            stale = [p for p in range(T) if written[p] != row[p]] if cache is not None else []
             cols, write, kind = self._plan(cache, want_full, need, stale, T, end)
             n_calls = 1 if cfg.lane_batching else len(active)
-            logits = self._call(backbone, x, cols, pred, cache, write, key_mask if len(cols) == T else None, n_calls)
+            logits = self._call(backbone, row, cols, pred, cache, write, n_calls, dream)
             if write:
-                w = torch.tensor(cols, device=x.device)
-                written[w] = row[w]
+                for p in cols:
+                    written[p] = row[p]
             at = {p: i for i, p in enumerate(pred)}
-            proposal = rules.gumbel_argmax(logits.index_fill(-1, mask_col, float("-inf")), cfg.temperature, rng)[0]
-            conf = rules.confidence_prob(logits, proposal[None], torch.float64)[0]
+            # the guard's checks: drafts seeded into the lanes' working positions, re-verified at this forward
+            checks = [p for l in active for p in l.working if p in seeded]
+            proposal = rules.gumbel_argmax(logits.index_fill(-1, mask_col, float("-inf")), cfg.temperature, rng)
+            conf = rules.confidence_prob(logits, proposal, torch.float64)
+            prob = self._probs(logits, [0] * len(checks), [at[p] for p in checks], [row[p] for p in checks], dev)
+            proposal, conf, prob = self._fetch(proposal, conf, prob)
+            prob = dict(zip(checks, prob))
 
             rec = {"iteration": it, "calls": n_calls, "positions": len(cols),
                    "refresh": kind, "lanes": [], "forks": [], "kills": [], "seeded": [], "remasked": []}
@@ -308,28 +330,22 @@ class AsyncLaneSampler:
             steps, forced = [], None  # forced: (index in steps, position) of the leftmost masked lane's best
             for l in active:
                 region = list(l.working)
-                if seeded:  # guard: re-verify drafts at the lane's first forward
-                    for p in [p for p in region if p in seeded]:
-                        seeded.discard(p)
-                        prob = float(rules.confidence_prob(logits[:, at[p]:at[p] + 1], row[p].view(1, 1),
-                                                           torch.float64))
-                        if prob < cfg.threshold / 2:
-                            row[p] = spec.mask_id
-                            rec["remasked"].append(p)
-                idx = torch.tensor([at[p] for p in region], device=x.device)
-                masked = (row[region[0]:region[-1] + 1] == spec.mask_id)[None]
-                for p in rec["remasked"]:  # its logits came from a call that saw the draft, not a mask:
-                    if region[0] <= p <= region[-1]:  # it waits for the next call
-                        masked[0, p - region[0]] = False
-                if bool(torch.isnan(conf[idx][masked[0]]).any()):  # a Dream row without its p - 1
+                for p in [p for p in region if p in seeded]:  # guard: re-verify drafts at the lane's first forward
+                    seeded.discard(p)
+                    if prob[p] < cfg.threshold / 2:
+                        row[p] = M
+                        rec["remasked"].append(p)
+                # a re-masked draft's logits came from a call that saw the draft, not a mask: it waits
+                masked = [row[p] == M and p not in rec["remasked"] for p in region]
+                if any(m and math.isnan(conf[at[p]]) for p, m in zip(region, masked)):  # a Dream row without p - 1
                     raise RuntimeError(f"lane {l.id}: NaN logits for masked positions of {region[0]}..{region[-1]} "
                                        f"(call positions {cols[0]}..{cols[-1]}, cache={cfg.cache})")
                 first = l.kind == GEN and l.steps == 0 and first_only and kind == "full"
-                score = rules.restrict_confidence(conf[idx][None], masked)
+                score = _restrict([conf[at[p]] for p in region], masked)
                 commit = self._lane_commit(l, score, masked, first)
-                if not first and bool(masked.any()) and forced is None:  # the leftmost lane with masks
-                    forced = (len(steps), region[int(score[0].argmax())])
-                steps.append(self._entry(l, [region[j] for j in commit[0].nonzero().flatten().tolist()]))
+                if not first and any(masked) and forced is None:  # the leftmost lane with masks
+                    forced = (len(steps), region[_argmax(score)])
+                steps.append(self._entry(l, [region[j] for j in commit]))
                 l.steps += 1
             if forced is not None and not steps[forced[0]]["committed"]:
                 # progress: the leftmost lane with masks (everything right of it is conditioned on
@@ -343,12 +359,12 @@ class AsyncLaneSampler:
                     conf_at[p] = conf[at[p]]
                 rec["lanes"].append(entry)
             # ----- cascading termination
-            end = self._cascade(row, conf_at, P, end, tree, eos_t, spec, rec)
+            end = self._cascade(row, conf_at, P, end, tree, spec, rec)
             seeded = {p for p in seeded if p < end}
             # ----- retire, fork, advance
             forked = False
             for l in tree.active():
-                settled = bool(row[l.lo:l.e].ne(spec.mask_id).all())
+                settled = M not in row[l.lo:l.e]
                 if l.kind == REF:
                     if settled:
                         l.state = DONE
@@ -358,26 +374,24 @@ class AsyncLaneSampler:
                     r, c = tree.fork(l, p, end, it + 1)
                     forked = True
                     rec["forks"].append({"parent": l.id, "at": p, "ref": r.id, "gen": c.id})
-                    rec["seeded"] += self._seed(c, row, proposal, conf, at, seeded, conf_at, spec)
+                    rec["seeded"] += self._seed(c, row, proposal, conf, at, seeded, conf_at, M)
                 elif settled and tree.advance(l, end):
-                    rec["seeded"] += self._seed(l, row, proposal, conf, at, seeded, conf_at, spec)
+                    rec["seeded"] += self._seed(l, row, proposal, conf, at, seeded, conf_at, M)
             tree.check()
             trace.append(rec)
             it += 1
-        return self._finish(x, P, tree, trace, eos_t, spec)
+        return self._finish(row, P, tree, trace, spec, dev)
 
-    def _start(self, backbone, prompts) -> tuple:
-        """Both paths' set-up: buffer, key mask, prompt length P, length T, cache (None without one),
-        ``written`` (the token whose K/V is in each slot, -1: none), ``conf_at`` (the confidence each
-        token was committed with), the mask id and EOS ids as tensors, and the lane tree."""
+    def _start(self, backbone, prompts, lanes: int = 1) -> tuple:
+        """Both paths' set-up, kept on the host: the buffer row (a list), prompt length P, length T,
+        the cache (None without one; ``lanes`` rows: a lane cache), ``written`` (the token whose K/V is
+        in each slot, -1: none), ``conf_at`` (the confidence each token was committed with), the tree."""
         cfg, spec = self.cfg, backbone.spec
-        x, key_mask, P = left_pad(prompts, cfg.gen_length, spec.pad_id, spec.mask_id, device=backbone.device)
-        T = x.shape[1]
-        cache = None if cfg.cache == "none" else backbone.new_cache(1, T)
-        written = torch.full((T,), -1, dtype=torch.long, device=x.device)
-        conf_at = torch.zeros(T, dtype=torch.float64, device=x.device)
-        return (x, key_mask, P, T, cache, written, conf_at, torch.tensor([spec.mask_id], device=x.device),
-                torch.tensor(spec.eos_ids, device=x.device), LaneTree(P, T, cfg.block_length))
+        x, _, P = left_pad(prompts, cfg.gen_length, spec.pad_id, spec.mask_id)  # batch 1: no padding
+        row = x[0].tolist()
+        T = len(row)
+        cache = None if cfg.cache == "none" else backbone.new_cache(1, T, lanes=lanes)
+        return row, P, T, cache, [-1] * T, [0.0] * T, LaneTree(P, T, cfg.block_length)
 
     def _wants_full(self, gen) -> bool:
         """A full refresh this call (with a cache): fast_dllm's block-start rule when compact refresh is
@@ -386,19 +400,17 @@ class AsyncLaneSampler:
         return any((g.steps == 0 and not self.cfg.compact_refresh) if every is None else g.steps % every == 0
                    for g in gen)
 
-    def _lane_commit(self, l, score, masked, first_token_only: bool) -> torch.Tensor:
-        """(1, n) positions lane ``l`` commits on ``score``: the threshold of its kind (REF: every mask
-        once ``refine_budget`` is spent), or only its block's first position (``first_token_only``:
-        Dream + cache + compact off at a full refresh, fast_dllm step 6)."""
+    def _lane_commit(self, l, score: list, masked: list, first_token_only: bool) -> list:
+        """Indices into ``score`` that lane ``l`` commits: the threshold of its kind (REF: every mask once
+        ``refine_budget`` is spent; :func:`rules.commit_above`), or only its block's first position
+        (``first_token_only``: Dream + cache + compact off at a full refresh, fast_dllm step 6)."""
         cfg = self.cfg
         if first_token_only:
-            commit = torch.zeros_like(masked)
-            commit[:, 0] = masked[:, 0]
-            return commit
+            return [0] if masked[0] else []
         tau = cfg.threshold if l.kind == GEN else cfg.refine_threshold
         if l.kind == REF and l.steps + 1 >= cfg.refine_budget:
-            tau = float("-inf")
-        return rules.commit_above(score, tau)
+            tau = _NEG_INF
+        return [j for j, s in enumerate(score) if s > _NEG_INF and s >= tau]
 
     @staticmethod
     def _entry(l, committed: list, **extra) -> dict:
@@ -407,93 +419,95 @@ class AsyncLaneSampler:
                 **extra}
 
     @staticmethod
-    def _finish(x, P, tree, trace, eos_t, spec) -> Generation:
-        """The Generation: the buffer, the trace, the final tree and the answer stitched from it."""
-        finished = torch.isin(x[:, P:], eos_t).any(-1)
-        answer = stitch(x[0].tolist(), tree, spec.eos_ids)
-        return Generation(sequences=x, prompt_length=P, finished=finished, trace=trace,
-                          info={"lanes": tree.to_dicts(), "stitched": answer, "iterations": len(trace)})
+    def _finish(row, P, tree, trace, spec, device) -> Generation:
+        """The Generation: the buffer (on ``device``), the trace, the final tree and the answer stitched from it."""
+        eos = set(spec.eos_ids)
+        return Generation(sequences=torch.tensor([row], device=device), prompt_length=P,
+                          finished=torch.tensor([any(t in eos for t in row[P:])], device=device), trace=trace,
+                          info={"lanes": tree.to_dicts(), "stitched": stitch(row, tree, spec.eos_ids),
+                                "iterations": len(trace)})
 
-    def _cascade(self, row, conf_at, P, end, tree, eos_t, spec, rec) -> int:
+    def _cascade(self, row, conf_at, P, end, tree, spec, rec) -> int:
         """Cascading termination (step 5): the answer's new end (``end`` when nothing cascades)."""
         if not self.cfg.cascade:
             return end
-        hits = (torch.isin(row[P:end], eos_t) & (conf_at[P:end] >= self.cfg.eos_threshold)).nonzero()
-        if len(hits) and P + int(hits[0]) + 1 < end:
-            q = P + int(hits[0])
+        eos = set(spec.eos_ids)
+        q = next((q for q in range(P, end) if row[q] in eos and conf_at[q] >= self.cfg.eos_threshold), None)
+        if q is not None and q + 1 < end:
             rec["kills"] = tree.cascade(q)
-            row[q + 1:] = spec.eos_id
+            row[q + 1:] = [spec.eos_id] * (len(row) - q - 1)
             return q + 1
         return end
+
+    @staticmethod
+    def _probs(logits, rows: list, cols: list, tokens: list, device) -> torch.Tensor:
+        """(n,) float64 probability of ``tokens[k]`` under ``logits[rows[k], cols[k]]`` (device, no sync)."""
+        if not tokens:
+            return logits.new_zeros(0, dtype=torch.float64)
+        pick = logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+        return rules.confidence_prob(pick[None], torch.tensor([tokens], device=device), torch.float64)[0]
+
+    @staticmethod
+    def _fetch(*parts: torch.Tensor) -> list:
+        """The iteration's one device->host transfer: every part flattened into one float64 tensor, read
+        with one ``tolist`` and split again; integer parts come back as ints (exact in float64)."""
+        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in parts]).tolist()
+        out, i = [], 0
+        for t in parts:
+            seg = flat[i:i + t.numel()]
+            out.append(seg if t.is_floating_point() else [int(v) for v in seg])
+            i += t.numel()
+        return out
 
     @torch.no_grad()
     def _generate_speculative(self, backbone, prompts, rng, delims) -> Generation:
         """Lanes that speculate on their left neighbours' drafts (``speculate``; docstring, "Speculative drafts")."""
         cfg, spec = self.cfg, backbone.spec
-        M = spec.mask_id
+        M, dev = spec.mask_id, backbone.device
         dream = spec.family == "dream"
         first_only = cfg.first_after_refresh(spec.family)
-        x, key_mask, P, T, cache, written, conf_at, mask_col, eos_t, tree = self._start(backbone, prompts)
+        row, P, T, cache, written, conf_at, tree = self._start(backbone, prompts, lanes=cfg.max_lanes)
+        mask_col = torch.tensor([M], device=dev)
         end, it = T, 0
         drafts: dict = {}  # masked position -> the view's proposal there (the latest call's)
         trace = []
 
         while active := tree.active():
-            row = x[0]
             B = len(active)
-            # lane i's row: the buffer with the drafts of the lanes left of it filled in
-            fills, filled = [], row.clone()
-            for l in active:
-                fills.append(filled.clone())
-                for p in l.working:
-                    if p in drafts:
-                        filled[p] = drafts[p]
             gen = [l for l in active if l.kind == GEN]
             pred = sorted({p for l in active for p in l.working}
                           | {p for g in gen for p in range(g.e, min(g.e + cfg.lookahead, end))})
             lo, hi, kind = self._rows_span(cache, gen, pred, written, row, T, end, dream)
-            write = cache is not None  # row 0's K/V (the buffer's own) are written
             at = {p: i for i, p in enumerate(pred)}
-            ids = torch.stack([f[lo:hi] for f in fills])
-            pos = torch.arange(lo, hi, device=x.device)[None].expand(B, -1)
-            predict = torch.tensor([[p - lo for p in pred]], device=x.device).expand(B, -1)
-            km = key_mask.expand(B, -1) if hi - lo == T else None
-            # row 0 is the buffer itself (no drafts): its K/V update the cache; the other rows only read it
-            one = write and B == 1
-            if cfg.lane_batching:
-                logits = backbone.forward(ids, positions=pos, key_mask=km, cache=cache, write=one, predict=predict,
-                                          write_row=0 if write and not one else None)
-            else:  # the ablation: one call per lane, each its own row
-                logits = torch.cat([backbone.forward(ids[i:i + 1], positions=pos[i:i + 1],
-                                                     key_mask=None if km is None else km[i:i + 1], cache=cache,
-                                                     write=one, predict=predict[i:i + 1],
-                                                     write_row=0 if write and not one and i == 0 else None)
-                                    for i in range(B)])
-            if write:
+            checks = self._verify_plan(active, row, drafts, M)
+            logits = self._rows_call(backbone, self._lane_rows(active, row, drafts), cache, (lo, hi), pred)
+            if cache is not None:  # row 0's K/V (the buffer's own) are what the cache keeps
                 written[lo:hi] = row[lo:hi]
             logits = logits.index_fill(-1, mask_col, float("-inf"))
             proposal = rules.gumbel_argmax(logits, cfg.temperature, rng)
             conf = rules.confidence_prob(logits, proposal, torch.float64)
+            flat = [(i, p) for i, masked in enumerate(checks) for p in masked]
+            prob = self._probs(logits, [i for i, _ in flat], [at[p] for _, p in flat], [drafts[p] for _, p in flat],
+                               dev)
+            proposal, conf, prob = self._fetch(proposal, conf, prob)
+            n = len(pred)
+            proposal = [proposal[i * n:(i + 1) * n] for i in range(B)]
+            conf = [conf[i * n:(i + 1) * n] for i in range(B)]
             rec = {"iteration": it, "calls": 1 if cfg.lane_batching else B, "rows": B, "positions": hi - lo,
                    "refresh": kind, "lanes": [], "forks": [], "kills": [], "accepted": [], "drafts": 0}
 
             # ----- verify: a REF lane whose every mask holds a draft its own row (drafts of lanes left of
             # it filled, its own masked) predicts with >= refine_threshold takes its drafts; the first that
             # does not is the view, and so is the GEN lane when every REF lane before it passed
-            f = B  # B: every lane verified, no view
-            for i, l in enumerate(active):
-                masked = [p for p in l.working if row[p] == M]
-                if l.kind != REF or not masked or any(p not in drafts for p in masked):
+            f, k = len(checks), 0  # the first lane not checked is the view; B: every lane verified, no view
+            for i, masked in enumerate(checks):
+                probs, k = prob[k:k + len(masked)], k + len(masked)
+                if not all(q >= cfg.refine_threshold for q in probs):
                     f = i
                     break
-                idx = torch.tensor([at[p] for p in masked], device=x.device)
-                toks = torch.tensor([drafts[p] for p in masked], device=x.device)
-                prob = rules.confidence_prob(logits[i:i + 1, idx], toks[None], torch.float64)[0]
-                if not bool((prob >= cfg.refine_threshold).all()):
-                    f = i
-                    break
-                row[masked] = toks
-                conf_at[masked] = prob
+                l = active[i]
+                for p, q in zip(masked, probs):
+                    row[p], conf_at[p] = drafts[p], q
                 l.steps += 1
                 rec["accepted"] += masked
                 rec["lanes"].append(self._entry(l, masked, accepted=True))
@@ -501,34 +515,32 @@ class AsyncLaneSampler:
             steps = []
             for l in active[f:]:
                 region = list(l.working)
-                idx = torch.tensor([at[p] for p in region], device=x.device)
-                masked = (row[region[0]:region[-1] + 1] == M)[None]
-                score = rules.restrict_confidence(conf[f:f + 1, idx], masked)
+                masked = [row[p] == M for p in region]
+                score = _restrict([conf[f][at[p]] for p in region], masked)
                 commit = self._lane_commit(l, score, masked, l.kind == GEN and l.steps == 0 and first_only
                                            and kind == "full")
-                steps.append((self._entry(l, [region[j] for j in commit[0].nonzero().flatten().tolist()]),
-                              region, score))
+                steps.append((self._entry(l, [region[j] for j in commit]), region, score))
                 l.steps += 1
             if not rec["accepted"] and not any(e["committed"] for e, _, _ in steps):
                 # progress: nothing accepted, nothing confident: the leftmost lane with masks commits its best
                 for entry, region, score in steps:
-                    if bool(torch.isfinite(score).any()):
-                        entry["committed"].append(region[int(score[0].argmax())])
+                    if any(s > _NEG_INF for s in score):
+                        entry["committed"].append(region[_argmax(score)])
                         break
             for entry, _, _ in steps:
                 for p in entry["committed"]:
-                    row[p] = proposal[f, at[p]]
-                    conf_at[p] = conf[f, at[p]]
+                    row[p] = proposal[f][at[p]]
+                    conf_at[p] = conf[f][at[p]]
                 rec["lanes"].append(entry)
-            end = self._cascade(row, conf_at, P, end, tree, eos_t, spec, rec)
+            end = self._cascade(row, conf_at, P, end, tree, spec, rec)
             # ----- drafts for the next call: the view's proposals at every mask it predicted
             view_lo = active[f].lo if f < B else end  # lanes are in position order
-            drafts = {p: int(proposal[f, at[p]]) for p in pred if view_lo <= p < end and row[p] == M}
+            drafts = {p: proposal[f][at[p]] for p in pred if view_lo <= p < end and row[p] == M}
             rec["drafts"] = len(drafts)
             # ----- retire, fork at every line that still holds masks, advance
             for l in tree.active():
                 if l.kind == REF:
-                    if bool(row[l.lo:l.e].ne(M).all()):
+                    if M not in row[l.lo:l.e]:
                         l.state = DONE
                     continue
                 g = l
@@ -539,19 +551,61 @@ class AsyncLaneSampler:
                     r, c = tree.fork(g, p, end, it + 1)
                     rec["forks"].append({"parent": g.id, "at": p, "ref": r.id, "gen": c.id})
                     g = c
-                if g is l and bool(row[l.lo:l.e].ne(M).all()):
+                if g is l and M not in row[l.lo:l.e]:
                     tree.advance(l, end)
             tree.check()
             trace.append(rec)
             it += 1
-        return self._finish(x, P, tree, trace, eos_t, spec)
+        return self._finish(row, P, tree, trace, spec, dev)
+
+    @staticmethod
+    def _lane_rows(active, row, drafts) -> list:
+        """The call's rows (S1), one per active lane in position order: lane i's is the buffer with the
+        drafts of the lanes left of it filled in (row 0 is the buffer itself)."""
+        rows, filled = [], list(row)
+        for l in active:
+            rows.append(list(filled))
+            for p in l.working:
+                if p in drafts:
+                    filled[p] = drafts[p]
+        return rows
+
+    @staticmethod
+    def _verify_plan(active, row, drafts, mask_id) -> list:
+        """The lanes verify may reach (S2), left to right: the masked positions of each REF lane every
+        mask of which holds a draft, up to the first lane that is not one (no later lane is checked)."""
+        out = []
+        for l in active:
+            masked = [p for p in l.working if row[p] == mask_id]
+            if l.kind != REF or not masked or any(p not in drafts for p in masked):
+                break
+            out.append(masked)
+        return out
+
+    def _rows_call(self, backbone, rows, cache, span, pred) -> torch.Tensor:
+        """The iteration's model call over the lane rows: logits (B, len(pred), V).
+
+        With a cache: one :meth:`Backbone.step` over the lane cache, every row covering ``span``, the
+        cache keeping row 0's K/V; ``lane_batching=False``: one single-row step per row, row 0's
+        writing and the others read-only (``write=False``), the same outputs since every row covers
+        the same columns.  Without a cache: full forwards.
+        """
+        x = torch.tensor(rows, device=backbone.device)
+        B = x.shape[0]
+        if cache is None:
+            predict = torch.tensor([pred], device=x.device).expand(B, -1)
+            if self.cfg.lane_batching:
+                return backbone.forward(x, predict=predict)
+            return torch.cat([backbone.forward(x[i:i + 1], predict=predict[i:i + 1]) for i in range(B)])
+        if self.cfg.lane_batching:
+            return backbone.step(x, cache, span, predict=pred)
+        return torch.cat([backbone.step(x[i:i + 1], cache, span, predict=pred, write=i == 0) for i in range(B)])
 
     def _rows_span(self, cache, gen, pred, written, row, T, end, dream):
         """Speculative calls: every row covers ``[lo, hi)``; (lo, hi, refresh kind).
 
         Rows differ (each fills different drafts); row 0, the leftmost lane's, is the buffer
-        itself, and only its K/V are written (``write_row``; a one-row call writes as the one-row
-        path does).  ``lo``: the first
+        itself, and only its K/V stay in the lane cache (:meth:`Backbone.step`).  ``lo``: the first
         predicted position, or the first stale slot below it (compact refresh), or 0 (a full
         refresh: ``compact_refresh`` off, or ``refresh_every``); Dream rows start one earlier (a
         row's first position has no left neighbour).  ``hi``: the buffer's end, or the answer's
@@ -561,7 +615,7 @@ class AsyncLaneSampler:
         if cache is None:
             return 0, T, None
         want_full = self._wants_full(gen)
-        stale = (written != row).nonzero().flatten().tolist()
+        stale = [p for p in range(T) if written[p] != row[p]]
         lo, kind = pred[0], None
         if want_full:
             lo, kind = 0, "full"
@@ -613,13 +667,13 @@ class AsyncLaneSampler:
                              cfg.max_residual_fraction, cfg.min_prefix)
         return p
 
-    def _seed(self, g, row, proposal, conf, at, seeded, conf_at, spec) -> list:
+    def _seed(self, g, row, proposal, conf, at, seeded, conf_at, mask_id) -> list:
         """Draft reuse: commit a new block's masked positions predicted confidently in this call."""
         if not self.cfg.draft_reuse:
             return []
         out = []
         for p in g.working:
-            if p in at and row[p] == spec.mask_id and conf[at[p]] >= self.cfg.draft_threshold:
+            if p in at and row[p] == mask_id and conf[at[p]] >= self.cfg.draft_threshold:
                 row[p] = proposal[at[p]]
                 conf_at[p] = conf[at[p]]
                 seeded.add(p)
@@ -627,16 +681,50 @@ class AsyncLaneSampler:
         return out
 
     @staticmethod
-    def _call(backbone, x, cols, pred_pos, cache, write, key_mask, n_calls):
-        """One model call (repeated ``n_calls`` times without lane batching: same inputs, same logits)."""
-        lo, hi = cols[0], cols[-1] + 1
-        contiguous = hi - lo == len(cols)
-        pos = torch.arange(lo, hi, device=x.device)[None] if contiguous else torch.tensor([cols], device=x.device)
-        ids = x[:, lo:hi] if contiguous else x[:, pos[0]]
-        at = {p: i for i, p in enumerate(cols)}
-        rows = [at[p] for p in pred_pos]
-        predict = None if rows == list(range(len(cols))) else torch.tensor([rows], device=x.device)
+    def _call(backbone, row, cols, pred, cache, write, n_calls, dream):
+        """One model call (repeated ``n_calls`` times without lane batching: same inputs, same logits):
+        logits (1, len(pred), V) for the positions ``pred``.  Without a cache a full forward; with one
+        a :meth:`Backbone.step` over ``cols`` (``(lo, hi)`` when contiguous), ``write=False`` read-only."""
+        dev = backbone.device
+        x = torch.tensor([row], device=dev)
+        if cache is None:
+            predict, blank = (None if pred == cols else torch.tensor([pred], device=dev)), []
+        else:
+            predict, blank = _step_predict(pred, cols, dream)
+            span = (cols[0], cols[-1] + 1) if cols[-1] + 1 - cols[0] == len(cols) else cols
         for _ in range(n_calls):
-            logits = backbone.forward(ids, positions=pos, key_mask=key_mask, cache=cache, write=write,
-                                      predict=predict)
+            logits = (backbone.forward(x, predict=predict) if cache is None
+                      else backbone.step(x, cache, span, predict=predict, write=write))
+        if blank:  # Dream rows whose p - 1 is not in the call (_step_predict)
+            logits = logits.index_fill(1, torch.tensor(blank, device=dev), float("nan"))
         return logits
+
+
+def _restrict(conf: list, allowed: list) -> list:
+    """Host :func:`rules.restrict_confidence` of one lane: its confidences where allowed, ``-inf`` elsewhere."""
+    return [c if a else _NEG_INF for c, a in zip(conf, allowed)]
+
+
+def _argmax(values: list) -> int:
+    """The index of the first largest value (``torch.argmax``'s tie rule)."""
+    return max(range(len(values)), key=values.__getitem__)
+
+
+def _step_predict(pred: list, cols: list, dream: bool) -> tuple:
+    """A one-row step's ``predict`` (None: every processed column, in order) and the rows to blank.
+
+    Dream: a prediction whose ``p - 1`` is not in the call has no row: NaN, as a general forward
+    gave it (never committed, never re-masked).  For a host-named prediction the step would add
+    ``p - 1`` to the call instead, so such a row asks for a column that has its left neighbour and
+    is blanked afterwards: the call keeps its columns, and the head its rows, while the sampler's
+    own Dream compensations (``need``, ``lo - 1``) decide what the call holds.
+    """
+    if pred == cols:
+        return None, []
+    have = set(cols)
+    blank = [i for i, p in enumerate(pred) if dream and p > 0 and p - 1 not in have]
+    if not blank:
+        return pred, []
+    stand = next((c for c in cols if c == 0 or c - 1 in have), cols[0])
+    gone = set(blank)
+    return [stand if i in gone else p for i, p in enumerate(pred)], blank
