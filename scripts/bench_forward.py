@@ -260,9 +260,14 @@ def plot(rows, path: Path):
         for (p, gn) in sorted({(r["prompt"], r["gen"]) for r in sel}):
             ys = [next(r["x_floor"] for r in sel if r["mode"] == m and r["prompt"] == p and r["gen"] == gn)
                   for m in modes]
-            ax.plot(modes, ys, marker="o", label=f"prompt {p}, gen {gn}")
+            line, = ax.plot(modes, ys, marker="o", label=f"prompt {p}, gen {gn}")
+            base = [next((r["baseline_ms"] / r["floor_ms"] for r in sel if r["mode"] == m and r["prompt"] == p
+                          and r["gen"] == gn and "baseline_ms" in r), None) for m in modes]
+            if any(b is not None for b in base):  # the older commit, same calls, dashed
+                ax.plot(modes, base, marker="x", ls="--", color=line.get_color(), lw=0.8)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_title(f"{shape} ({variant}, {sel[0]['device']})", fontsize=9)
+        dashed = " (dashed: --baseline)" if any("baseline_ms" in r for r in sel) else ""
+        ax.set_title(f"{shape} ({variant}, {sel[0]['device']}){dashed}", fontsize=9)
         ax.set_ylabel("call time / memory floor")
         ax.tick_params(axis="x", rotation=45, labelsize=8)
         ax.set_yscale("log")
@@ -290,7 +295,12 @@ def main(argv=None):
     ap.add_argument("--baseline", type=Path, default=None, help="an older commit's src/ to time interleaved")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--replot", type=Path, default=None, help="only redraw --plot from this JSON")
     a = ap.parse_args(argv)
+    if a.replot:
+        rows = json.loads(a.replot.read_text())["rows"]
+        plot(rows, a.plot or a.replot.with_suffix(".png"))
+        return rows
     shapes = a.shape.split(",")
     bad = [s for s in shapes if s not in SHAPES]
     if bad:
