@@ -7,6 +7,7 @@ keeps token-for-token equivalence tests meaningful), and a spec with its own mas
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -52,6 +53,24 @@ def random_spec(cfg: ModelConfig) -> BackboneSpec:
 def random_backbone(family: str = "llada", seed: int = 0, **over) -> Backbone:
     cfg = random_config(family, **over)
     return Backbone(random_model(cfg, seed), random_spec(cfg))
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|ours - ref| / max|ref| over finite entries; inf if the NaN patterns differ or if
+    nothing finite is left to compare (an all-NaN comparison must not pass vacuously)."""
+    a, b = ours.double(), ref.double()
+    if a.shape != b.shape or not torch.equal(torch.isnan(a), torch.isnan(b)):
+        return math.inf
+    fin = ~torch.isnan(b)
+    if not fin.any():
+        return math.inf
+    return ((a[fin] - b[fin]).abs().max() / b[fin].abs().max()).item()
+
+
+def rand_ids(bb: Backbone, B: int, T: int, seed: int) -> torch.Tensor:
+    """(B, T) uniform token ids over the whole vocabulary (special ids included), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, bb.spec.vocab_size, (B, T), generator=g)
 
 
 def random_prompts(backbone: Backbone, lengths=(5, 8), seed: int = 0) -> list[list[int]]:

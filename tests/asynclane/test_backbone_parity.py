@@ -27,7 +27,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from asynclane.checkpoint import native_views, official_names
-from asynclane.testing import random_backbone
+from asynclane.testing import rand_ids, random_backbone, rel_err  # noqa: F401  (re-exported for test_cache.py)
 
 FAMILIES = ("llada", "dream")
 IMPLS = ("sdpa", "eager")
@@ -84,18 +84,6 @@ def pair(family: str, impl: str = "sdpa"):
 
 
 # ---------------------------------------------------------------- references and errors
-
-def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    """max|ours - ref| / max|ref| over finite entries; inf if the NaN patterns differ or if
-    nothing finite is left to compare (an all-NaN comparison must not pass vacuously)."""
-    a, b = ours.double(), ref.double()
-    if a.shape != b.shape or not torch.equal(torch.isnan(a), torch.isnan(b)):
-        return math.inf
-    fin = ~torch.isnan(b)
-    if not fin.any():
-        return math.inf
-    return ((a[fin] - b[fin]).abs().max() / b[fin].abs().max()).item()
-
 
 def additive(allowed: torch.Tensor) -> torch.Tensor:
     """bool [B, Q, K] (True = may attend) -> float additive mask [B, 1, Q, K]."""
@@ -164,11 +152,6 @@ def hf_oracle(hf, ctx_ids, ctx_pos, q_ids, q_pos, ctx_visible=None, ctx_valid=No
     ctx_raw = hf_raw(hf, ctx_ids, ctx_pos, allowed=ctx_valid[:, None, :].expand(B, C, C), cache=cache)
     allowed = torch.cat((ctx_visible[:, None, :].expand(B, S, C), torch.ones(B, S, S, dtype=torch.bool)), dim=2)
     return ctx_raw, hf_raw(hf, q_ids, q_pos, allowed=allowed, cache=cache)
-
-
-def rand_ids(bb, B, T, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, bb.spec.vocab_size, (B, T), generator=g)
 
 
 def left_pad(lengths, T):
