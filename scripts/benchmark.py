@@ -70,24 +70,18 @@ def conf_dir() -> Path:
 
 
 def registered_samplers() -> list[str]:
-    """The sampler choices of the harness (conf/sampler/*.yaml), in a stable, readable order."""
-    names = sorted(p.stem for p in (conf_dir() / "sampler").glob("*.yaml"))
+    """The sampler choices of the harness (every registered sampler), in a stable, readable order."""
+    from eval.sampler_presets import sampler_names
+
+    names = sampler_names()
     return [n for n in PREFERRED_ORDER if n in names] + [n for n in names if n not in PREFERRED_ORDER]
 
 
 def sampler_defaults(name: str) -> dict:
-    """The plain (non-interpolated) defaults of one sampler preset."""
-    from omegaconf import OmegaConf
+    """The plain (non-interpolated) defaults of one sampler: its Config dataclass's."""
+    from eval.sampler_presets import sampler_node
 
-    cfg = OmegaConf.load(conf_dir() / "sampler" / f"{name}.yaml")
-    out = {}
-    for k in cfg:
-        try:
-            v = cfg[k]
-        except Exception:  # an interpolation (gen_length) that needs the whole config
-            continue
-        out[str(k)] = v
-    return out
+    return {k: v for k, v in sampler_node(name).items() if not (isinstance(v, str) and v.startswith("${"))}
 
 
 @dataclass(frozen=True)

@@ -106,11 +106,3 @@ def test_task_registry_matches_configs():
     assert names == {k: k for k in TASKS}, "conf/task/<key>.yaml must exist for each task, with name: <key>"
     for key, cls in TASKS.items():
         assert OmegaConf.load(CONF / "task" / f"{key}.yaml").version == cls.version
-
-
-def test_sampler_registry_matches_configs():
-    import baselines  # noqa: F401  (registers every competing sampler)
-    from asynclane.sampler import REGISTRY
-
-    names = _yaml_names("sampler")
-    assert names == {k: k for k in REGISTRY}, "conf/sampler/<key>.yaml must exist for each sampler, with name: <key>"

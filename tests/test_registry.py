@@ -1,16 +1,20 @@
-"""Registry key == sampler file stem == conf/sampler YAML stem == test file (1:1:1:1)."""
+"""Registry key == sampler file stem == test file (1:1:1); the harness config of every sampler is
+built from its Config dataclass (the one home of its defaults), and presets under conf/sampler/ only
+name other defaults of a registered sampler."""
 import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
+from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from asynclane.sampler import REGISTRY, Sampler, build_sampler
+from eval.sampler_presets import sampler_names, sampler_node
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLER_DIRS = [ROOT / "src" / "baselines", ROOT / "src" / "asynclane" / "samplers"]
-YAML_DIR = ROOT / "conf" / "sampler"
+PRESET_DIR = ROOT / "conf" / "sampler"
 
 import baselines  # noqa: E402,F401  (registers every competing sampler)
 
@@ -19,16 +23,8 @@ def _file_stems():
     return {p.stem for d in SAMPLER_DIRS for p in d.glob("*.py") if p.stem != "__init__"}
 
 
-def _yaml_stems():
-    return {p.stem for p in YAML_DIR.glob("*.yaml")}
-
-
 def test_registry_equals_sampler_files():
-    assert set(REGISTRY) == _file_stems()
-
-
-def test_registry_equals_yaml_files():
-    assert set(REGISTRY) == _yaml_stems()
+    assert set(REGISTRY) == _file_stems() == set(sampler_names())
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -37,34 +33,29 @@ def test_each_sampler_has_a_test_file(name):
     assert any(p.exists() for p in candidates), f"no test file for {name!r}: expected one of {candidates}"
 
 
+def _composed(*overrides):
+    with initialize_config_module(config_module="eval.conf", version_base="1.3"):
+        return OmegaConf.to_container(compose("config", overrides=list(overrides)), resolve=True)
+
+
 @pytest.mark.parametrize("name", sorted(REGISTRY))
-def test_registered_class_follows_the_protocol(name):
+def test_the_harness_config_is_the_dataclass(name):
+    """``sampler=<name>`` composes to the name, the top-level gen_length and every other field's default."""
+    conf = _composed(f"sampler={name}", "gen_length=96")
+    options = dict(conf["sampler"])
+    assert options.pop("name") == name and options["gen_length"] == 96
     cls = REGISTRY[name]
-    assert cls.name == name and isinstance(cls.can_batch, bool)
-    assert isinstance(build_sampler(name, **_yaml_options(name)), Sampler)
+    assert cls.Config(**options) == cls.Config(gen_length=96)
+    assert set(options) == {f.name for f in dataclasses.fields(cls.Config)}
+    assert isinstance(build_sampler(name, **options), Sampler) and cls.name == name
+    assert isinstance(cls.can_batch, bool)
 
 
-def _yaml_options(stem):
-    """The YAML's options with interpolations resolved against the top-level conf/config.yaml."""
-    top = yaml.safe_load((ROOT / "conf" / "config.yaml").read_text())
-    raw = yaml.safe_load((YAML_DIR / f"{stem}.yaml").read_text())
-    resolved = OmegaConf.to_container(OmegaConf.create({"gen_length": top["gen_length"], "sampler": raw}),
-                                      resolve=True)["sampler"]
-    resolved.pop("name")
-    return resolved
-
-
-@pytest.mark.parametrize("stem", sorted(_yaml_stems()))
-def test_yaml_name_and_keys_mirror_the_config(stem):
-    raw = yaml.safe_load((YAML_DIR / f"{stem}.yaml").read_text())
-    assert raw.get("name") == stem
-    assert stem in REGISTRY, f"conf/sampler/{stem}.yaml has no registered sampler"
-    fields = {f.name for f in dataclasses.fields(REGISTRY[stem].Config)}
-    assert set(raw) - {"name"} == fields
-    assert raw["gen_length"] == "${gen_length}", "gen_length must follow the top-level override"
-    cfg = REGISTRY[stem].Config(**_yaml_options(stem))
-    defaults = REGISTRY[stem].Config(gen_length=cfg.gen_length)
-    assert cfg == defaults, "YAML values should mirror the dataclass defaults"
+@pytest.mark.parametrize("path", sorted(PRESET_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_named_presets_choose_a_registered_sampler_and_its_keys(path):
+    raw = yaml.safe_load(path.read_text())
+    assert raw.get("name") in REGISTRY, f"{path.name}: name must be a registered sampler"
+    assert set(raw) <= set(sampler_node(raw["name"])), f"{path.name}: keys the sampler does not have"
 
 
 def test_unknown_sampler_lists_valid_choices():

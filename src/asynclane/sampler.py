@@ -5,8 +5,9 @@ method ``generate(backbone, prompts, rng) -> Generation``.  It owns its decoding
 composes the pure rules in :mod:`asynclane.rules`; it never counts model calls or times itself
 (:class:`asynclane.counting.CountingBackbone` and the runner do that).
 
-Registry: the :func:`register` decorator; importing a sampler's module registers it.  Registry key == file stem == conf/sampler/<key>.yaml
-== the ``sampler`` column of results.
+Registry: the :func:`register` decorator; importing a sampler's module registers it.  Registry key == file stem
+== the ``sampler`` column of results.  The Config dataclass is the one home of a sampler's defaults (the
+harness builds its ``sampler=<key>`` config from it: ``eval.sampler_presets``).
 """
 from __future__ import annotations
 

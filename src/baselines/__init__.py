@@ -1,6 +1,6 @@
-"""Competing samplers, one file each; importing the package registers them all."""
-from . import blockwise  # noqa: F401  (importing registers the sampler)
-from . import d3llm  # noqa: F401
-from . import dparallel  # noqa: F401
-from . import dream  # noqa: F401
-from . import fast_dllm  # noqa: F401
+"""Competing samplers, one file each; importing the package imports (and so registers) every module in it."""
+import importlib
+import pkgutil
+
+for _mod in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_mod.name}")

@@ -25,7 +25,7 @@ from .cli import one_line_errors, run_cli
 def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     with one_line_errors():
-        from .runner import run  # imported here so that --help and config errors answer before torch is imported
+        from .runner import run  # imported here: Hydra's own errors answer before the runner loads
 
         s = run(cfg, out_dir)
 

@@ -368,7 +368,7 @@ def _build_sampler(sampler_conf: dict):
     options = dict(sampler_conf)
     name = options.pop("name", None)
     if name is None:
-        raise UsageError("the sampler config has no `name`; conf/sampler/<name>.yaml must set name: <name>")
+        raise UsageError("the sampler config has no `name`; a preset in conf/sampler/ must set name: <sampler>")
     try:
         return name, build_sampler(name, **options)
     except (ValueError, TypeError) as e:
