@@ -19,7 +19,8 @@ import torch
 
 __all__ = [
     "confidence_prob", "confidence_margin", "confidence_neg_entropy", "random_confidence",
-    "gumbel_argmax", "uniform_transfer_counts", "restrict_confidence",
+    "gumbel_argmax", "without_mask", "propose", "refresh_due", "dream_first_token_after_refresh",
+    "first_position_only", "uniform_transfer_counts", "restrict_confidence",
     "commit_topk", "commit_threshold", "commit_factor",
 ]
 
@@ -91,7 +92,40 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float,
     return (logits64.exp() / (-torch.log(u.to(logits64.device))) ** temperature).argmax(-1)
 
 
+def without_mask(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """``logits`` with the mask id's column at ``-inf``: a proposal never is the mask (a committed mask
+    would stay masked; a trained model gives it ~0 probability, a random or tiny one does not)."""
+    out = logits.clone()
+    out.select(-1, mask_id).fill_(_NEG_INF)
+    return out
+
+
+def propose(logits: torch.Tensor, mask_id: int, temperature: float,
+            rng: Optional[torch.Generator] = None) -> torch.Tensor:
+    """:func:`gumbel_argmax` over :func:`without_mask` logits: the proposals every sampler commits from."""
+    return gumbel_argmax(without_mask(logits, mask_id), temperature, rng)
+
+
 # --------------------------------------------------------------------------- schedules
+
+def refresh_due(step: int, every: Optional[int]) -> bool:
+    """Whether step ``step`` of a block (or of the run) refreshes the whole cache: step 0, and with
+    ``every = k`` also steps k, 2k, ... (Fast-dLLM's block-start refresh, d3LLM's interval)."""
+    return step == 0 if every is None else step % every == 0
+
+
+def dream_first_token_after_refresh(setting: Optional[bool], family: str, cached: bool) -> bool:
+    """Fast-dLLM's Dream path: whether a block's refresh commits only its first position.  ``setting``
+    None = auto: on for a Dream-family backbone whose block steps read a cache (``cached``), where a
+    step cannot predict the block's first token (its row comes from the position before it)."""
+    return family == "dream" and cached if setting is None else bool(setting)
+
+
+def first_position_only(masked: torch.Tensor) -> torch.Tensor:
+    """(B, n) commit mask of the first position where it is still masked (the rule above)."""
+    commit = torch.zeros_like(masked)
+    commit[:, 0] = masked[:, 0]
+    return commit
 
 def uniform_transfer_counts(is_masked: torch.Tensor, steps: int) -> torch.Tensor:
     """(B, steps) int64 number of tokens to commit at each step of one block.

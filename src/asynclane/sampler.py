@@ -19,7 +19,7 @@ from typing import Any, Callable, ClassVar, Optional, Protocol, Sequence, runtim
 
 import torch
 
-__all__ = ["SamplerConfig", "Generation", "Sampler", "register", "REGISTRY", "build_sampler",
+__all__ = ["SamplerConfig", "Generation", "Sampler", "register", "REGISTRY", "build_sampler", "finish",
            "left_pad", "init_buffer", "first_eos_cut", "check_block_length"]
 
 
@@ -64,6 +64,12 @@ class Generation:
     def tokens(self) -> torch.Tensor:
         """(B, gen_length): the generated region, prompt excluded."""
         return self.sequences[:, self.prompt_length:]
+
+
+def finish(x: torch.Tensor, P: int, spec, **extra) -> Generation:
+    """The Generation of a final buffer ``x``: finished where the answer holds an EOS-like id."""
+    finished = torch.isin(x[:, P:], torch.tensor(spec.eos_ids, device=x.device)).any(-1)
+    return Generation(sequences=x, prompt_length=P, finished=finished, **extra)
 
 
 @runtime_checkable

@@ -73,7 +73,7 @@ from typing import Optional, Sequence
 import torch
 
 from asynclane import rules
-from asynclane.sampler import Generation, SamplerConfig, check_block_length, init_buffer, padding_mask, register
+from asynclane.sampler import Generation, SamplerConfig, check_block_length, finish, init_buffer, padding_mask, register
 
 REMASKING = ("low_confidence", "random")
 
@@ -146,5 +146,4 @@ class BlockwiseSampler:
                 commit = rules.commit_topk(score, quota[:, step])
                 x = torch.where(commit, x0, x)
 
-        finished = torch.isin(x[:, P:], eos_eot_cols).any(-1)
-        return Generation(sequences=x, prompt_length=P, finished=finished)
+        return finish(x, P, spec)

@@ -117,7 +117,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from asynclane import rules
-from asynclane.sampler import Generation, SamplerConfig, check_block_length, init_buffer, padding_mask, register
+from asynclane.sampler import Generation, SamplerConfig, check_block_length, finish, init_buffer, padding_mask, register
 
 CACHES = ("none", "delayed")
 
@@ -181,7 +181,6 @@ class D3llmSampler:
         col = torch.arange(T, device=dev)
         block_of = torch.arange(G, device=dev) // Lb  # (G,) block index of each answer position
         blocks = torch.arange(nb, device=dev)
-        mask_col = torch.tensor([spec.mask_id], device=dev)
         added = torch.ones(B, dtype=torch.long, device=dev)  # blocks in flight or done, per row
         done_at = torch.full((B, nb), -1, dtype=torch.long, device=dev)  # step that first saw block k done
         stalled = torch.zeros((), dtype=torch.bool, device=dev)
@@ -207,7 +206,7 @@ class D3llmSampler:
                 break
             width = host[2] * Lb  # answer columns [P, P + width) hold every candidate
             every = cfg.refresh_every
-            if cache is None or (step == 0 if every is None else step % every == 0):  # full / refresh
+            if cache is None or rules.refresh_due(step, every):  # full / refresh
                 lo = P
                 want = col[P:P + width]
                 if cache is None:
@@ -230,8 +229,7 @@ class D3llmSampler:
 
             gen = x[:, P:]
             proposal, certainty = gen.clone(), torch.full((B, G), float("-inf"), dtype=torch.float64, device=dev)
-            proposal[:, lo - P:width] = rules.gumbel_argmax(logits.index_fill(-1, mask_col, float("-inf")),
-                                                            cfg.temperature, rng)
+            proposal[:, lo - P:width] = rules.propose(logits, spec.mask_id, cfg.temperature, rng)
             certainty[:, lo - P:width] = rules.confidence_neg_entropy(logits, torch.float64)  # -H
             score = rules.restrict_confidence(certainty, masked & (block_of < added[:, None]))
             commit = rules.commit_threshold(score, -cfg.threshold)
@@ -245,8 +243,7 @@ class D3llmSampler:
             x[:, P:] = gen
             step += 1
 
-        finished = torch.isin(x[:, P:], torch.tensor(spec.eos_ids, device=dev)).any(-1)
-        return Generation(sequences=x, prompt_length=P, finished=finished)
+        return finish(x, P, spec)
 
     def _settled_end(self, done_at: torch.Tensor, step: int, P: int) -> torch.Tensor:
         """(B,) first buffer column past the settled prefix (0 while the prompt itself is not settled).

@@ -76,7 +76,7 @@ from typing import Sequence
 import torch
 
 from asynclane import rules
-from asynclane.sampler import Generation, SamplerConfig, check_block_length, init_buffer, padding_mask, register
+from asynclane.sampler import Generation, SamplerConfig, check_block_length, finish, init_buffer, padding_mask, register
 
 
 @dataclass
@@ -111,17 +111,15 @@ class DParallelSampler:
         pad = padding_mask(key_mask, prompts)  # None when no row is padded: no attention mask
         B, Lb = x.shape[0], cfg.block_length
         block_rows = torch.arange(Lb, device=x.device).expand(B, Lb)
-        mask_col = torch.tensor([spec.mask_id], device=x.device)
 
         # mirrors czg1225/dParallel@2ca4d14:LLaDA/generate.py `generate` with `threshold` set
         for lo in range(P, P + cfg.gen_length, Lb):
             hi = lo + Lb
             while bool((masked := x[:, lo:hi] == spec.mask_id).any()):
                 logits = backbone.forward(x, positions=positions, key_mask=pad, predict=block_rows + lo)
-                proposal = rules.gumbel_argmax(logits.index_fill(-1, mask_col, float("-inf")), cfg.temperature, rng)
+                proposal = rules.propose(logits, spec.mask_id, cfg.temperature, rng)
                 certainty = rules.confidence_neg_entropy(logits, torch.float64)  # -H
                 commit = rules.commit_threshold(rules.restrict_confidence(certainty, masked), -cfg.threshold)
                 x[:, lo:hi] = torch.where(commit, proposal, x[:, lo:hi])
 
-        finished = torch.isin(x[:, P:], torch.tensor(spec.eos_ids, device=x.device)).any(-1)
-        return Generation(sequences=x, prompt_length=P, finished=finished)
+        return finish(x, P, spec)

@@ -78,7 +78,7 @@ from typing import Optional, Sequence
 import torch
 
 from asynclane import rules
-from asynclane.sampler import Generation, SamplerConfig, init_buffer, padding_mask, register
+from asynclane.sampler import Generation, SamplerConfig, finish, init_buffer, padding_mask, register
 
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 _MEASURE = {"maskgit_plus": "prob", "topk_margin": "margin", "entropy": "neg_entropy"}
@@ -132,14 +132,13 @@ class DreamSampler:
         pad = padding_mask(key_mask, prompts)  # None when no row is padded: no attention mask
         timesteps = rules.dream_timesteps(cfg.num_steps, cfg.eps, device=x.device)
         sample = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, rng=rng)
-        mask_col = torch.tensor([spec.mask_id], device=x.device)
 
         # mirrors generation_utils.py `_sample` (one loop over steps; no blocks)
         for i in range(cfg.num_steps):
             t, s, last = timesteps[i], timesteps[i + 1], i == cfg.num_steps - 1
             is_masked = x == spec.mask_id
             logits = backbone.forward(x, positions=positions, key_mask=pad)
-            logits = logits.index_fill(-1, mask_col, float("-inf"))  # never propose the mask (Deviations)
+            logits = rules.without_mask(logits, spec.mask_id)  # never propose the mask (Deviations)
             masked_logits = logits[is_masked]  # (N, V), row-major over (batch, position)
             if cfg.alg == "origin":
                 fire = rules.dream_origin_fire(masked_logits.shape[0], t, s, last, rng)
@@ -160,5 +159,4 @@ class DreamSampler:
                 commit = rules.commit_topk(score, k)
             x = torch.where(commit, x.masked_scatter(is_masked, proposal), x)
 
-        finished = torch.isin(x[:, P:], torch.tensor(spec.eos_ids, device=x.device)).any(-1)
-        return Generation(sequences=x, prompt_length=P, finished=finished)
+        return finish(x, P, spec)

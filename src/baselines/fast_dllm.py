@@ -105,7 +105,7 @@ from typing import Optional, Sequence
 import torch
 
 from asynclane import rules
-from asynclane.sampler import Generation, SamplerConfig, check_block_length, init_buffer, padding_mask, register
+from asynclane.sampler import Generation, SamplerConfig, check_block_length, finish, init_buffer, padding_mask, register
 
 CACHES = ("none", "prefix", "dual")
 
@@ -139,9 +139,7 @@ class FastDllmConfig(SamplerConfig):
 
     def first_after_refresh(self, family: str) -> bool:
         """Whether the block-start refresh commits only the first block token (step 6)."""
-        if self.commit_first_after_refresh is None:
-            return family == "dream" and self.cache != "none"
-        return bool(self.commit_first_after_refresh)
+        return rules.dream_first_token_after_refresh(self.commit_first_after_refresh, family, self.cache != "none")
 
 
 @register("fast_dllm")
@@ -163,7 +161,6 @@ class FastDllmSampler:
         pad = padding_mask(key_mask, prompts)  # None: no row is padded, no attention mask at all
         B, Lb = x.shape[0], cfg.block_length
         cache = None if cfg.cache == "none" else backbone.new_cache(B, x.shape[1], key_mask=pad)
-        mask_col = torch.tensor([spec.mask_id], device=x.device)
 
         for lo in range(P, P + cfg.gen_length, Lb):
             hi = lo + Lb
@@ -173,17 +170,16 @@ class FastDllmSampler:
                 every = cfg.refresh_every
                 if cache is None:
                     logits = backbone.forward(x, positions=positions, key_mask=pad, predict=block.expand(B, -1))
-                elif step == 0 if every is None else step % every == 0:  # refresh: every slot rewritten
+                elif rules.refresh_due(step, every):  # refresh: every slot rewritten
                     logits = backbone.step(x, cache, (0, x.shape[1]), predict=block)
                 elif cfg.cache == "prefix":  # the block and the suffix; [0, lo) read from the cache
                     logits = backbone.step(x, cache, (lo, x.shape[1]), predict=block)
                 else:  # dual: the block's fresh K/V replace its slots in place, then it attends to all
                     logits = backbone.step(x, cache, (lo, hi))
                 # never propose the mask (Deviations); the confidence keeps the reference's softmax
-                proposal = rules.gumbel_argmax(logits.index_fill(-1, mask_col, float("-inf")), cfg.temperature, rng)
+                proposal = rules.propose(logits, spec.mask_id, cfg.temperature, rng)
                 if step == 0 and first_only:  # Dream path: the block's first token, unconditionally
-                    commit = torch.zeros_like(masked)
-                    commit[:, 0] = masked[:, 0]
+                    commit = rules.first_position_only(masked)
                 else:
                     score = rules.restrict_confidence(rules.confidence_prob(logits, proposal, torch.float64), masked)
                     if cfg.factor is not None:
@@ -195,8 +191,7 @@ class FastDllmSampler:
                     x = self._close_finished(x, P, spec)
                 step += 1
 
-        finished = torch.isin(x[:, P:], torch.tensor(spec.eos_ids, device=x.device)).any(-1)
-        return Generation(sequences=x, prompt_length=P, finished=finished)
+        return finish(x, P, spec)
 
     def _check_dream_rows(self, family: str, first_only: bool) -> None:
         """A Dream cached step cannot predict the block's first token; refuse settings that would ask."""

@@ -196,7 +196,7 @@ import torch
 
 from asynclane import rules
 from asynclane.lanes import DONE, GEN, REF, LaneTree, stitch
-from asynclane.sampler import Generation, SamplerConfig, left_pad, register
+from asynclane.sampler import Generation, SamplerConfig, check_block_length, finish, left_pad, register
 
 CACHES = ("none", "prefix", "dual")
 _NEG_INF = float("-inf")
@@ -231,10 +231,7 @@ class AsyncLaneConfig(SamplerConfig):
         super().__post_init__()
         if self.cache not in CACHES:
             raise ValueError(f"cache={self.cache!r} is not one of {', '.join(CACHES)}")
-        if self.block_length <= 0 or self.gen_length % self.block_length:
-            valid = [d for d in range(1, self.gen_length + 1) if self.gen_length % d == 0]
-            raise ValueError(f"block_length={self.block_length} must divide gen_length={self.gen_length}; "
-                             f"valid block lengths: {valid}")
+        check_block_length(self.block_length, self.gen_length)
         for key in ("threshold", "refine_threshold", "delimiter_threshold", "draft_threshold", "eos_threshold"):
             if not getattr(self, key) >= 0:
                 raise ValueError(f"{key}={getattr(self, key)} must be >= 0")
@@ -249,9 +246,9 @@ class AsyncLaneConfig(SamplerConfig):
             raise ValueError(f"refresh_every={self.refresh_every} must be a positive integer or null")
 
     def first_after_refresh(self, family: str) -> bool:
-        if self.commit_first_after_refresh is None:
-            return family == "dream" and self.cache != "none" and not self.compact_refresh
-        return bool(self.commit_first_after_refresh)
+        # compact refresh recomputes the block's left neighbour with it: only full refreshes need the rule
+        return rules.dream_first_token_after_refresh(self.commit_first_after_refresh, family,
+                                                     self.cache != "none" and not self.compact_refresh)
 
 
 def delimiter_set(backbone, explicit: Optional[Sequence[int]]) -> frozenset:
@@ -292,7 +289,6 @@ class AsyncLaneSampler:
         dream = spec.family == "dream"
         first_only = cfg.first_after_refresh(spec.family)
         row, P, T, cache, written, conf_at, tree = self._start(backbone, prompts)
-        mask_col = torch.tensor([M], device=dev)
         end, it = T, 0
         seeded: set = set()  # positions committed from drafts, not yet re-verified
         trace = []
@@ -318,7 +314,7 @@ class AsyncLaneSampler:
             at = {p: i for i, p in enumerate(pred)}
             # the guard's checks: drafts seeded into the lanes' working positions, re-verified at this forward
             checks = [p for l in active for p in l.working if p in seeded]
-            proposal = rules.gumbel_argmax(logits.index_fill(-1, mask_col, float("-inf")), cfg.temperature, rng)
+            proposal = rules.propose(logits, M, cfg.temperature, rng)
             conf = rules.confidence_prob(logits, proposal, torch.float64)
             prob = self._probs(logits, [0] * len(checks), [at[p] for p in checks], [row[p] for p in checks], dev)
             proposal, conf, prob = self._fetch(proposal, conf, prob)
@@ -397,7 +393,8 @@ class AsyncLaneSampler:
         """A full refresh this call (with a cache): fast_dllm's block-start rule when compact refresh is
         off, or ``refresh_every``."""
         every = self.cfg.refresh_every
-        return any((g.steps == 0 and not self.cfg.compact_refresh) if every is None else g.steps % every == 0
+        # without refresh_every, block starts refresh only when compact refresh is off
+        return any(rules.refresh_due(g.steps, every) and (every is not None or not self.cfg.compact_refresh)
                    for g in gen)
 
     def _lane_commit(self, l, score: list, masked: list, first_token_only: bool) -> list:
@@ -421,11 +418,9 @@ class AsyncLaneSampler:
     @staticmethod
     def _finish(row, P, tree, trace, spec, device) -> Generation:
         """The Generation: the buffer (on ``device``), the trace, the final tree and the answer stitched from it."""
-        eos = set(spec.eos_ids)
-        return Generation(sequences=torch.tensor([row], device=device), prompt_length=P,
-                          finished=torch.tensor([any(t in eos for t in row[P:])], device=device), trace=trace,
-                          info={"lanes": tree.to_dicts(), "stitched": stitch(row, tree, spec.eos_ids),
-                                "iterations": len(trace)})
+        return finish(torch.tensor([row], device=device), P, spec, trace=trace,
+                      info={"lanes": tree.to_dicts(), "stitched": stitch(row, tree, spec.eos_ids),
+                            "iterations": len(trace)})
 
     def _cascade(self, row, conf_at, P, end, tree, spec, rec) -> int:
         """Cascading termination (step 5): the answer's new end (``end`` when nothing cascades)."""
@@ -467,7 +462,6 @@ class AsyncLaneSampler:
         dream = spec.family == "dream"
         first_only = cfg.first_after_refresh(spec.family)
         row, P, T, cache, written, conf_at, tree = self._start(backbone, prompts, lanes=cfg.max_lanes)
-        mask_col = torch.tensor([M], device=dev)
         end, it = T, 0
         drafts: dict = {}  # masked position -> the view's proposal there (the latest call's)
         trace = []
@@ -483,7 +477,7 @@ class AsyncLaneSampler:
             logits = self._rows_call(backbone, self._lane_rows(active, row, drafts), cache, (lo, hi), pred)
             if cache is not None:  # row 0's K/V (the buffer's own) are what the cache keeps
                 written[lo:hi] = row[lo:hi]
-            logits = logits.index_fill(-1, mask_col, float("-inf"))
+            logits = rules.without_mask(logits, M)  # the drafts' probabilities too: under the same logits
             proposal = rules.gumbel_argmax(logits, cfg.temperature, rng)
             conf = rules.confidence_prob(logits, proposal, torch.float64)
             flat = [(i, p) for i, masked in enumerate(checks) for p in masked]
