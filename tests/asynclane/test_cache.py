@@ -25,22 +25,15 @@ the call the row is NaN (documented), and the references (``align``) encode exac
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-from asynclane.testing import import_file
+from asynclane.testing import hf
 
 
-def _parity_helpers():
-    """The HF helpers of test_backbone_parity.py (one module, whatever pytest's import mode)."""
-    return import_file("_asynclane_parity_helpers", Path(__file__).with_name("test_backbone_parity.py"))
-
-
-P = _parity_helpers()
-FAMILIES, TOL = P.FAMILIES, P.TOL
-rel_err, align, hf_oracle, hf_raw, pair, rand_ids = P.rel_err, P.align, P.hf_oracle, P.hf_raw, P.pair, P.rand_ids
+FAMILIES, TOL = hf.FAMILIES, hf.TOL
+rel_err, align, hf_oracle, hf_raw, pair, rand_ids = hf.rel_err, hf.align, hf.hf_oracle, hf.hf_raw, hf.pair, hf.rand_ids
+P = hf  # left_pad, CTX
 
 
 def ar(lo, hi, B=1):

@@ -8,7 +8,6 @@ through the §4.1 map and checks the loaded backbone against that HF model.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,12 +18,8 @@ from asynclane import loading
 from asynclane.backbone import Backbone, Transformer, rope_inv_freq
 from asynclane.checkpoint import official_config
 from asynclane.loading import CheckpointNotFound, load_backbone, save_checkpoint
-from asynclane.testing import import_file, random_backbone, random_config
-
-
-def _parity_helpers():
-    """The HF helpers of test_backbone_parity.py (one module, whatever pytest's import mode)."""
-    return import_file("_asynclane_parity_helpers", Path(__file__).with_name("test_backbone_parity.py"))
+from asynclane.testing import hf as P  # the HF oracles (Llama / Qwen2 with the same weights)
+from asynclane.testing import random_backbone, random_config
 
 
 FAMILIES = ("llada", "dream")
@@ -127,7 +122,6 @@ def test_dtype_cast_and_to_empty_keep_fp32_rope():
 
 def test_unsharded_checkpoint_from_hf_weights_matches_hf(tmp_path):
     """Official names built from an HF model through the §4.1 map (not from official_names)."""
-    P = _parity_helpers()
     for family in FAMILIES:
         cfg = random_config(family)
         cls, hcfg = P.hf_config(cfg)

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from asynclane.counting import CountingBackbone, OpCounter
-from asynclane.testing import rand_ids, random_backbone, rel_err
+from asynclane.testing import random_backbone
+from asynclane.testing.hf import FAMILIES, TOL, rand_ids, rel_err
 
-FAMILIES = ("llada", "dream")
-TOL = 1e-5  # max relative error on fp32 logits (as test_backbone_parity.py)
 T = 32
 
 

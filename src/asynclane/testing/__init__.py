@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .backbone import Backbone, BackboneSpec, ModelConfig, Transformer
-from .checkpoint import native_views
+from ..backbone import Backbone, BackboneSpec, ModelConfig, Transformer
+from ..checkpoint import native_views
 
 # ids inside the random vocabulary; tests must read them from backbone.spec, never hard-code
 _VOCAB = 96
@@ -82,8 +82,8 @@ def random_prompts(backbone: Backbone, lengths=(5, 8), seed: int = 0) -> list[li
 
 def run_counted(name: str, backbone, prompts, seed: int = 0, **options):
     """Run the registered sampler ``name`` through a CountingBackbone: (Generation, counter)."""
-    from .counting import CountingBackbone
-    from .sampler import build_sampler
+    from ..counting import CountingBackbone
+    from ..sampler import build_sampler
 
     counting = CountingBackbone(backbone)
     out = build_sampler(name, **options).generate(counting, prompts, torch.Generator().manual_seed(seed))
