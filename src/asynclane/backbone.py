@@ -31,8 +31,8 @@ host knows: it tracks which slots were written), so SDPA may use its flash kerne
 Two entry points:
 
 * :meth:`Backbone.forward` (general): explicit positions, slot == absolute position, per-row
-  scatter writes, windows, read-only calls, shared-prefix broadcasts.  The reference every
-  cache test checks against an HF oracle.
+  scatter writes, windows, read-only calls.  The reference every cache test checks against an
+  HF oracle (and the step against it).
 * :meth:`Backbone.step` (the decode seam samplers use): the buffer plus a column range (or a
   host list of columns) to process, slot == buffer column, positions from the cache's table,
   bounds checked on Python ints before the call, no host-device sync inside.  With a *lane*
@@ -274,54 +274,39 @@ class Transformer(nn.Module):
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, key_mask: Optional[torch.Tensor] = None,
                 cache: Optional["KVCache"] = None, write: bool = False,
-                slot_mask: Optional[torch.Tensor] = None, write_row: Optional[int] = None) -> torch.Tensor:
+                slot_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Hidden states (B, T, d) after the final norm (the general call; see :meth:`Backbone.forward`).
 
         key_mask: (B, T) bool, False marks padding tokens that no query may attend to (None: no
         padding, and without a cache no mask reaches the attention kernel).
         """
         if cache is not None:
-            return self._general_cached(ids, positions, key_mask, cache, write, slot_mask, write_row)
+            return self._general_cached(ids, positions, key_mask, cache, write, slot_mask)
         x = self.embed(ids)
         cos, sin = self.rope(positions, x.dtype)
         mask = None if key_mask is None else key_mask[:, None, None, :]
         return self._layers_fn(x, cos, sin, mask, None, None, False, 0)
 
-    def _general_cached(self, ids, positions, key_mask, cache, write, slot_mask, write_row):
+    def _general_cached(self, ids, positions, key_mask, cache, write, slot_mask):
         B, T = ids.shape
         S = cache.length
+        if cache.batch != B:
+            raise ValueError(f"a general call of {B} rows needs a cache of batch {B}, got {cache.batch} (rows "
+                             "that share one sequence: a lane cache and Backbone.step)")
         # checked on the device (no host read: raises at once on a CPU, a device-side assert elsewhere)
         torch._assert_async(((positions >= 0) & (positions < S)).all(), f"cache positions must lie in [0, {S})")
-        if write and cache.batch != B:
-            raise ValueError(f"cannot write a batch of {B} rows into a cache of {cache.batch}")
-        work = cache
-        if cache.batch != B:  # shared-prefix broadcast: a B-row scratch copy (the general path only)
-            work = KVCache.__new__(KVCache)
-            work.__dict__.update(cache.__dict__)
-            work.kv = [t[:1].expand(B, -1, -1, -1).clone() for t in cache.kv]
-            work._filled, work._tokens = cache._filled[:1].expand(B, -1).clone(), cache._tokens[:1].expand(B, -1).clone()
-            work.batch, work.lanes = B, 1
         slots = positions if key_mask is None else torch.where(key_mask, positions, S)  # pads -> the sink
         rows = torch.arange(B, device=ids.device)[:, None].expand(B, T)
-        read_only = not write and write_row is None and work is cache
-        own = torch.zeros_like(work._filled).index_put_((rows, slots), torch.ones_like(slots, dtype=torch.bool))
+        own = torch.zeros_like(cache._filled).index_put_((rows, slots), torch.ones_like(slots, dtype=torch.bool))
         # cached slots (inside the window) that this call does not rewrite, and the call's own K/V
-        mask = work._filled[:, :-1] if slot_mask is None else work._filled[:, :-1] & slot_mask
+        mask = cache._filled[:, :-1] if slot_mask is None else cache._filled[:, :-1] & slot_mask
         mask = mask | own[:, :-1]
         x = self.embed(ids)
         cos, sin = self.rope(positions, x.dtype)
-        hidden = self._layers_fn(x, cos, sin, mask[:, None, None, :], work.kv, ("put", rows, slots),
-                                       read_only, 0)
+        hidden = self._layers_fn(x, cos, sin, mask[:, None, None, :], cache.kv, ("put", rows, slots), not write, 0)
         if write:
-            work._filled |= own
-            work._tokens.index_put_((rows, slots), ids)
-            work._ragged = True
-        if write_row is not None:  # the cache takes row `write_row`'s K/V (its slots, pads skipped)
-            r, s = torch.zeros_like(slots[0]), slots[write_row]
-            for dst, src in zip(cache.kv, work.kv):
-                dst.index_put_((r, s), src[write_row, s])
-            cache._filled.index_put_((r, s), torch.ones_like(s, dtype=torch.bool))
-            cache._tokens.index_put_((r, s), ids[write_row])
+            cache._filled |= own
+            cache._tokens.index_put_((rows, slots), ids)
             cache._ragged = True
         return hidden
 
@@ -338,8 +323,7 @@ class KVCache:
 
     Operations: writes by :meth:`Backbone.forward` (slot == position) or :meth:`Backbone.step`
     (slot == column); :meth:`invalidate` drops slots; ``slot_mask=cache.window(lo, hi)`` restricts
-    a general forward to a slot range; a batch-1 cache serves a B-row read-only general call
-    (shared-prefix broadcast).  A *lane* cache (``lanes=R``) keeps one state in R identical rows so
+    a general forward to a slot range.  A *lane* cache (``lanes=R``) keeps one state in R identical rows so
     that up to R differing rows can each attend it plus their own fresh K/V without copies.
     """
 
@@ -482,7 +466,7 @@ class Backbone:
     def forward(self, ids: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 key_mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
                 write: bool = False, slot_mask: Optional[torch.Tensor] = None,
-                predict: Optional[torch.Tensor] = None, write_row: Optional[int] = None) -> torch.Tensor:
+                predict: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Aligned logits for the processed tokens (general slots: slot == absolute position).
 
         ids, positions (default 0..T-1), key_mask: (B, T).  Returns (B, T, V) where row j is the
@@ -493,16 +477,13 @@ class Backbone:
         into slots ``positions`` (padding skipped) before attending; otherwise the call is
         read-only: the cached copies of its positions are hidden (each position is seen once) and
         the cache is left as it was.  slot_mask: (B or 1, S) bool restricting which cache slots may
-        be attended (a window).  write_row: with ``write=False`` and a batch-1 cache read by B rows,
-        store row ``write_row``'s K/V in its slots after the call has read the cache.
+        be attended (a window).
         """
         B, T = ids.shape
         if positions is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
-        if write_row is not None and (cache is None or write or not 0 <= write_row < B):
-            raise ValueError(f"write_row={write_row} needs a cache, write=False and a row of the {B}")
         m = self.model
-        hidden = m(ids, positions, key_mask, cache, write, slot_mask, write_row)
+        hidden = m(ids, positions, key_mask, cache, write, slot_mask)
         if self.cfg.shifted_logits:
             hidden = self._shift(hidden, positions, key_mask)
         if predict is not None:

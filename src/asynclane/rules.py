@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 
 __all__ = [
-    "confidence_prob", "confidence_margin", "confidence_neg_entropy", "random_confidence",
+    "confidence_prob", "confidence_neg_entropy", "random_confidence",
     "gumbel_argmax", "without_mask", "propose", "refresh_due", "dream_first_token_after_refresh",
     "first_position_only", "uniform_transfer_counts", "restrict_confidence",
     "commit_topk", "commit_threshold", "commit_factor",
@@ -40,15 +40,6 @@ def confidence_prob(logits: torch.Tensor, tokens: torch.Tensor,
     """
     p = torch.softmax(logits.to(dtype or logits.dtype), dim=-1)
     return p.gather(-1, tokens[..., None]).squeeze(-1)
-
-
-def confidence_margin(logits: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """(B, L) top-1 minus top-2 probability.
-
-    Dream ``alg="topk_margin"`` [M] (after arXiv 2502.06768): ``p(1) - p(2)`` of the softmax.
-    """
-    top2 = torch.softmax(logits.to(dtype or logits.dtype), dim=-1).topk(2, dim=-1).values
-    return top2[..., 0] - top2[..., 1]
 
 
 def confidence_neg_entropy(logits: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

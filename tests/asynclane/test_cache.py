@@ -18,7 +18,7 @@ Which references are exact identities:
   block whose mask hides the stale block columns".  With unchanged tokens it is the full forward.
 * Subset / scatter / window / invalidate: HF oracle whose query mask hides exactly the context
   columns the native call may not see.
-* Padded batches and shared-prefix broadcasts: row-for-row equal to unbatched single calls.
+* Padded batches and lane caches (differing rows over one sequence): row-for-row equal to single calls.
 
 Dream: a row for position p is computed from position p-1 of the same call; when p-1 is not in
 the call the row is NaN (documented), and the references (``align``) encode exactly that.
@@ -246,25 +246,22 @@ def padded_cache_vs_hf(family):
     return max(rel_err(ctx[valid], align(family, ref_c, pos, valid)[valid]), rel_err(out, align(family, ref_q, qpos)))
 
 
-# ---------------------------------------------------------------- (f) shared-prefix broadcast
-
-SHARED_Q = torch.tensor([[16, 17, 18, 19, 20, 21, 22, 23],
-                         [15, 16, 17, 18, 19, 20, 21, 22],   # re-processes cached 15 (hidden for this row only)
-                         [17, 16, 21, 20, 25, 24, 29, 28]])  # unsorted pairs: Dream rows 16, 20, 24, 28 are NaN
-
+# ---------------------------------------------------------------- (f) one sequence, differing rows (lane cache)
 
 def shared_prefix(family):
+    """A lane cache: one written sequence read by 3 rows that differ after it (read-only) equals the
+    3 rows read one by one from a one-row cache of the same sequence."""
     bb, _ = pair(family)
-    prefix = rand_ids(bb, 1, 16, seed=18)
-    q = rand_ids(bb, 3, 8, seed=19)
-    cache = bb.new_cache(1, 32)
-    bb.forward(prefix, cache=cache, write=True)
-    before = snapshot(cache)
-    out = bb.forward(q, SHARED_Q, cache=cache)
-    after = snapshot(cache)
-    assert all(torch.equal(a, b) for x, y in zip(before[:2], after[:2]) for a, b in zip(x, y))
-    assert torch.equal(before[2], after[2])
-    return rel_err(out, torch.cat([bb.forward(q[b:b + 1], SHARED_Q[b:b + 1], cache=cache) for b in range(3)]))
+    prefix = rand_ids(bb, 1, 32, seed=18)
+    rows = prefix.expand(3, -1).clone()
+    rows[:, 16:24] = rand_ids(bb, 3, 8, seed=19)
+    lanes, one = bb.new_cache(1, 32, lanes=3), bb.new_cache(1, 32)
+    bb.step(prefix, lanes, (0, 32))
+    bb.step(prefix, one, (0, 32))
+    before = [t.clone() for t in lanes.kv]
+    out = bb.step(rows, lanes, (16, 24), write=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, lanes.kv))
+    return rel_err(out, torch.cat([bb.step(rows[b:b + 1], one, (16, 24), write=False) for b in range(3)]))
 
 
 # ---------------------------------------------------------------- (g) invalidate
@@ -317,7 +314,7 @@ CHECKS = {
     "(d) scatter write + per-row slot mask vs HF": scatter_rowmask_vs_hf,
     "(e) left-padded batch via cache vs single rows": padded_cache_vs_single,
     "(e) left-padded batch via cache vs HF oracle": padded_cache_vs_hf,
-    "(f) shared prefix, 3-row read vs 3 single calls": shared_prefix,
+    "(f) lane cache, 3 differing rows vs 3 single reads": shared_prefix,
     "(g) invalidated slots vs HF oracle": invalidate_vs_hf,
     "p-1 inside the call vs HF oracle": prev_included_vs_hf,
 }
@@ -419,36 +416,13 @@ def test_invalidate_equals_slot_mask_and_is_per_row(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_shared_prefix_cannot_be_written_by_a_batch(family):
+def test_a_general_call_needs_a_cache_of_its_batch(family):
     bb, _ = pair(family)
     cache = bb.new_cache(1, 32)
     bb.forward(rand_ids(bb, 1, 8, seed=1), cache=cache, write=True)
-    with pytest.raises(ValueError, match="cannot write"):
-        bb.forward(rand_ids(bb, 3, 4, seed=2), ar(8, 12, 3), cache=cache, write=True)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_write_row_stores_one_rows_kv_after_a_read_only_batch(family):
-    """A B-row read-only call with ``write_row=r``: every row's logits are those of the same read-only
-    call alone (it read the cache as it was), and the cache then holds what a one-row write call of
-    row r stores (AsyncLane's speculative lanes: rows differ, the buffer's own row updates the cache)."""
-    bb, _ = pair(family)
-    prefix, rows = rand_ids(bb, 1, 8, seed=1), rand_ids(bb, 3, 6, seed=2)
-    a, b = bb.new_cache(1, 16), bb.new_cache(1, 16)
-    for c in (a, b):
-        bb.forward(prefix, cache=c, write=True)
-    got = bb.forward(rows, ar(8, 14, 3), cache=a, write_row=1)
-    for i in range(3):
-        alone = bb.forward(rows[i:i + 1], ar(8, 14), cache=b)
-        assert rel_err(got[i:i + 1], alone) < TOL
-    bb.forward(rows[1:2], ar(8, 14), cache=b, write=True)
-    assert torch.equal(a.filled, b.filled)
-    for layer in range(len(a.k)):
-        assert rel_err(a.k[layer], b.k[layer]) < TOL and rel_err(a.v[layer], b.v[layer]) < TOL
-    with pytest.raises(ValueError, match="write_row"):
-        bb.forward(rows, ar(8, 14, 3), cache=a, write=True, write_row=0)
-    with pytest.raises(ValueError, match="write_row"):
-        bb.forward(rows, ar(8, 14, 3), write_row=0)
+    for write in (True, False):
+        with pytest.raises(ValueError, match="needs a cache of batch 3, got 1.*lane cache"):
+            bb.forward(rand_ids(bb, 3, 4, seed=2), ar(8, 12, 3), cache=cache, write=write)
 
 
 def test_positions_outside_the_cache_raise():

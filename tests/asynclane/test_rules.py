@@ -29,12 +29,6 @@ def test_confidence_prob_dtype_and_no_mutation():
     assert conf.item() == pytest.approx(0.25)
 
 
-def test_confidence_margin_top1_minus_top2():
-    logits = _logits_from_probs([0.2, 0.5, 0.3], [0.1, 0.1, 0.8])
-    torch.testing.assert_close(rules.confidence_margin(logits),
-                               torch.tensor([[0.2, 0.7]], dtype=torch.float64))
-
-
 def test_confidence_neg_entropy_uniform_and_one_hot():
     logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [5.0, -INF, -INF, -INF]]])
     ne = rules.confidence_neg_entropy(logits)

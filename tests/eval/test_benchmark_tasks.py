@@ -7,7 +7,6 @@ on a completion string).  Executions are kept to a handful here; the full-datase
 from __future__ import annotations
 
 import gzip
-import hashlib
 import random
 import re
 import shutil
