@@ -42,7 +42,7 @@ from asynclane.checkpoint import native_views  # noqa: E402
 from asynclane.counting import OpCounter  # noqa: E402
 
 SHAPES = {
-    # research/backbones.md §1 (LLaDA-8B-Instruct config.json) and §2 (Dream-v0-Instruct-7B)
+    # docs/research/backbones.md §1 (LLaDA-8B-Instruct config.json) and §2 (Dream-v0-Instruct-7B)
     "llada-8b": ModelConfig(family="llada", d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
                             mlp_hidden=12288, vocab_size=126464, rope_theta=500000.0, norm_eps=1e-5,
                             qkv_bias=False, max_length=4096),

@@ -2,7 +2,7 @@
 
 One module, two families, chosen by :class:`ModelConfig`:
 
-* LLaDA-8B-Instruct (research/backbones.md §1): MHA, no biases, RMSNorm eps 1e-5, SwiGLU
+* LLaDA-8B-Instruct (docs/research/backbones.md §1): MHA, no biases, RMSNorm eps 1e-5, SwiGLU
   (``ff_proj`` is the gate), RoPE theta 5e5 rotated in fp32, untied head, logits aligned
   (row i predicts token i).
 * Dream-v0-Instruct-7B (§2): Qwen2 shape, GQA, q/k/v biases, RoPE theta 1e6 rotated in the
@@ -88,7 +88,7 @@ class ModelConfig:
 
     @property
     def shifted_logits(self) -> bool:
-        """Dream's raw logits at row i predict token i+1 (research/backbones.md §2.3)."""
+        """Dream's raw logits at row i predict token i+1 (docs/research/backbones.md §2.3)."""
         return self.family == "dream"
 
     @property

@@ -1,4 +1,4 @@
-"""Official parameter-name maps and config schemas (research/backbones.md §1.1-1.2, §2.1-2.2).
+"""Official parameter-name maps and config schemas (docs/research/backbones.md §1.1-1.2, §2.1-2.2).
 
 Native module names (``Transformer``) <-> official checkpoint names, and official config.json
 <-> :class:`ModelConfig`.  Pure functions, no I/O; the loader in ``loading.py`` uses them.

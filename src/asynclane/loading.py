@@ -20,7 +20,7 @@ from .checkpoint import config_from_official, native_views, official_config, off
 TINY_DIR = Path(__file__).resolve().parent / "tiny"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-# end-of-answer tokens besides the config's EOS, by family (research/backbones.md §1.6, §2.6)
+# end-of-answer tokens besides the config's EOS, by family (docs/research/backbones.md §1.6, §2.6)
 EXTRA_EOS_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|eot|>")
 
 

@@ -148,7 +148,7 @@ def left_pad(prompts: Sequence[Sequence[int]], gen_length: int, pad_id: int, mas
     """Buffer (B, P + gen_length) = left-padded prompts then masks; key mask; P.
 
     The key mask is False on padding; positions are ``key_mask.cumsum(1) - 1`` (clamped at 0),
-    so every row's first real token sits at position 0 (research/backbones.md §4.4).
+    so every row's first real token sits at position 0 (docs/research/backbones.md §4.4).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token-id lists")

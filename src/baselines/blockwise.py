@@ -1,69 +1,14 @@
-"""LLaDA reference sampler: semi-autoregressive blocks, fixed per-step quota, low-confidence remasking.
+"""LLaDA reference sampler: semi-autoregressive blocks, a fixed per-step quota, low-confidence remasking.
 
-Paper: Nie et al., "Large Language Diffusion Models", arXiv 2502.09992 (NeurIPS 2025);
-Appendix B (remasking strategies, EOS-confidence trick).
-Reference code: ML-GSAI/LLaDA ``generate.py`` (``generate``, ``get_num_transfer_tokens``,
-``add_gumbel_noise``) at head b7e6c35, the Oct-2025 version with left padding and the
-EOS/EoT flags (research/baselines_core.md §1).
-
-Algorithm (per batch; every row does the same number of forwards):
-
-1. Left-pad the prompts, append ``gen_length`` mask tokens; padding is hidden from attention and
-   positions restart at each row's first real token.
-2. Split the answer into ``gen_length / block_length`` blocks, decoded strictly left to right;
-   each block gets ``steps_per_block = steps / num_blocks`` forwards.
-3. At the start of a block, the quota of each step is LLaDA's uniform split of the block's
-   masked count (:func:`asynclane.rules.uniform_transfer_counts`).
-4. Each step: one full bidirectional forward over the whole buffer (no cache).
-5. If ``logits_eos_inf``: the EOS logit is set to -inf (the model can never emit EOS).
-6. Proposals ``x0`` for every position: argmax of Gumbel-perturbed logits (plain argmax at T=0).
-7. Scores: ``low_confidence`` = softmax probability of ``x0`` under the un-noised logits
-   (with ``confidence_eos_eot_inf``, EOS and EoT columns removed first, so such proposals score
-   0); ``random`` = Uniform(0, 1).
-8. Restrict scores to masked positions of the current block; commit the ``quota[step]``
-   highest of each row (``x[pos] <- x0[pos]``).  Committed tokens are never revisited.
-
-NFE = ``steps`` exactly; nothing stops early at EOS (the reference has no early exit).
-
-Hyperparameters (defaults; the official harness settings are in baselines_core.md §1.9, §6.1):
-
-=========================  ===================  ===============================================
-key                        default              meaning / source
-=========================  ===================  ===============================================
-gen_length                 128 (top level)      answer budget; blocks cover it exactly
-temperature                0.0                  Gumbel-max temperature; all official evals use 0
-steps                      None (= gen_length)  total forwards over all blocks; paper's best
-                                                quality is one token per step [P]
-block_length               32                   semi-AR block; 32 in Fast-dLLM/dParallel baselines
-                                                and LLaDA Table 8 [P]; == gen_length is pure
-                                                diffusion (paper Table 2)
-remasking                  low_confidence       ``low_confidence`` | ``random`` [C]
-logits_eos_inf             False                EOS logit -inf (official HumanEval config) [C]
-confidence_eos_eot_inf     False                EOS/EoT proposals get confidence 0 (paper App.
-                                                B.4: GSM8K, Math, MBPP, GPQA, HumanEval) [P, C]
-=========================  ===================  ===============================================
-
-Deviations from reference:
-
-* ``confidence_eos_eot_inf`` implements the *intended* rule: both EOS and EoT columns are removed
-  from the clean logits before the confidence softmax.  The reference's chained assignment does
-  exactly this at T = 0 (noised and clean logits are one tensor there, so output is identical),
-  but at T > 0 clears only EoT in the clean logits [C] (baselines_core.md §1.7).
-* Position ids restart at each row's first real token (``cumsum(key_mask) - 1``); the reference
-  passes no position ids with left padding, and whether its HF model shifts RoPE is [U] (§1.8).
-  Identical for unpadded rows; makes a batch equal the rows run singly.
-* Randomness (Gumbel noise, random scores) comes from the injected ``rng`` instead of the global
-  RNG; same draws, same order and shapes, so a generator seeded like the global RNG matches [C].
-* ``steps=None`` means ``steps = gen_length`` (the reference's default is a fixed 128) [C].
-* Classifier-free guidance (``cfg_scale``) is not implemented: no reported main-table number uses
-  it, and the Oct-2025 code raises NameError with it and an attention mask [P, C] (§1.6).
-* Top-k ties break toward the lower position (stable sort) instead of torch.topk's unspecified
-  order; only exact-tie cases can differ [C].
-* The confidence softmax runs in the logits dtype, as the reference does since Jun 2025; Fast-dLLM
-  and dParallel forks, pinned earlier, use float64 [C] (§1.1).
-
-Backbones: LLaDA (logits aligned) and Dream (the backbone undoes the shift, so the loop is the
-same); the Dream reference sampler is a different algorithm (one block, timestep quota).
+Sources: Nie et al., "Large Language Diffusion Models", arXiv 2502.09992, App. B [P]; ML-GSAI/LLaDA
+``generate.py`` at b7e6c35 [C] (docs/research/baselines_core.md §1).  The answer is split into
+blocks decoded left to right, each with ``steps / num_blocks`` full forwards; a step commits its
+quota (LLaDA's uniform split of the block's masks) of the most confident masked positions of the
+block (``remasking="random"``: random scores); optional EOS / EoT logit rules.  NFE = ``steps``.
+Deviations, in brief: the EOS/EoT confidence rule as intended at every temperature; positions
+restart at each row's first real token; the given generator instead of the global RNG; no
+classifier-free guidance; ties break toward the lower position.  Algorithm, options and every
+deviation with its source: docs/samplers/blockwise.md.
 """
 from __future__ import annotations
 

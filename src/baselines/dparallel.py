@@ -1,72 +1,13 @@
 """dParallel's inference sampler: entropy-threshold parallel decoding in semi-AR blocks.
 
-Paper: Chen et al., "dParallel: Learnable Parallel Decoding for dLLMs", arXiv 2509.26488 (ICLR
-2026); Tables 1-2 read from the repository's images [P].
-Reference code: czg1225/dParallel at 2ca4d14 (research/baselines_core.md §4): LLaDA
-``generate.py`` (``generate`` + ``get_transfer_index_entropy``, the path of every reported
-LLaDA number) and Dream ``model/generation_utils_semiar.py`` (``_sample`` with
-``alg="entropy_threshold"``) [C].
-
-dParallel's contribution is the *training* (certainty-forcing distillation, §4.1); at inference
-it is this sampler.  Released weights, for users who have them; they are meant to load like the
-base model (``model=llada model.path=<dir or hub id>``, ``model=dream model.path=...``; not tried
-here):
-
-* ``Zigeng/dParallel-LLaDA-8B-instruct`` (merged LoRA on LLaDA-8B-Instruct)
-* ``Zigeng/dParallel_Dream_7B_Instruct`` (on Dream-v0-Instruct-7B)
-
-On the base weights the same rule is a training-free baseline, "Entropy-threshold (dParallel
-rule)" (§4.4); expect few tokens per step there, since θ = 0.5 forces top-1 probability >= 0.8.
-
-Algorithm (per batch; rows share forwards, a row whose block is done waits without committing):
-
-1. Left-pad the prompts, append ``gen_length`` masks; positions restart at each row's first
-   real token.  Split the answer into ``gen_length / block_length`` blocks, left to right.
-2. Each block ``[lo, hi)`` loops until it has no mask; every step is one full forward over
-   the whole buffer (no cache; only the block's rows go through the LM head).
-3. Proposals: argmax of Gumbel-perturbed logits (plain argmax at T = 0).  Certainty: the
-   predictive entropy ``H = -sum p log p`` of the un-noised softmax, in float64, natural log,
-   over the full vocabulary.
-4. Commit among the block's masked positions: the one with the lowest ``H``, plus every other
-   one with ``H <= threshold``.  ``threshold = 0`` therefore commits exactly one token per step
-   (the lowest-entropy one); a huge threshold commits the whole block in one step.
-
-NFE = number of forwards; no fixed step count, no early exit (the reference's EOS exit is
-commented out [C]).
-
-Hyperparameters (defaults = the reported setting [C, P], §4.2):
-
-============  =========  ==================================================================
-key           default    meaning / source
-============  =========  ==================================================================
-gen_length    128 (top)  answer budget; the papers use 256
-block_length  32         semi-AR block, must divide gen_length [C]
-threshold     0.5        entropy bound in nats; 0.45 for LLaDA MBPP and Dream GSM8K/MATH [C]
-temperature   0.0        Gumbel-max temperature; every reported dParallel run uses 0 [C]
-============  =========  ==================================================================
-
-Deviations from reference:
-
-* One loop for both families: the LLaDA rule (keep ``H <= threshold``, float64 entropy).  The
-  Dream reference keeps ``H < threshold`` with the entropy in the logits dtype and ``+1e-8``
-  inside the log; at T = 0 these differ only at exact equality and by rounding near the
-  threshold (bf16 on the real model: §4.7) [C].
-* The entropy uses ``xlogy`` (exact ``0 log 0 = 0``) instead of ``log(p + 1e-12)`` [C]; the
-  difference is below 1e-9 nats for any vocabulary here.
-* At T > 0 the Dream reference samples ``multinomial(softmax(logits / T))``; here Gumbel-max in
-  float64 as in LLaDA: same distribution, different random stream [C].
-* No cache.  The LLaDA code also has prefix- and dual-cache variants (Fast-dLLM's mechanics with
-  this rule) [C], but every reported number uses none (README [C]).  They are not reproduced
-  here: they are the fast_dllm loop with a different score, and the design keeps one loop per
-  sampler, so the natural home is an entropy-confidence switch in ``fast_dllm`` (not done).
-* The mask id is never proposed (its logit is ``-inf`` for the argmax only; the entropy keeps
-  the full softmax), as in ``fast_dllm``: a committed mask would stay masked and the reference's
-  ``while`` loop would repeat the same step forever at T = 0.  Trained models give the mask ~0
-  probability; random test models might not.
-* Batch > 1 works (rows wait for the slowest row of the block; positions restart per row); the
-  reference is batch 1 (its Dream selection loop indexes row 0 only) [C].
-* Ties in the entropy ranking break toward the lower position (stable sort) instead of
-  ``torch.topk``'s unspecified order [C].
+Sources: Chen et al., "dParallel", arXiv 2509.26488 [P]; czg1225/dParallel at 2ca4d14, LLaDA
+``generate.py`` and Dream ``generation_utils_semiar.py`` [C] (docs/research/baselines_core.md §4).
+Blocks left to right; every step is one full forward; among the block's masked positions it
+commits the lowest-entropy one and every other with entropy <= ``threshold`` (nats).  On the base
+weights this is the training-free "entropy-threshold (dParallel rule)" baseline; dParallel's
+distilled weights load like the base model.  Deviations, in brief: one loop (the LLaDA rule) for
+both families; no cache variants; the mask id is never proposed; batch > 1.  Algorithm, options
+and every deviation with its source: docs/samplers/dparallel.md.
 """
 from __future__ import annotations
 

@@ -1,101 +1,14 @@
 """Fast-dLLM: confidence-aware parallel decoding in semi-AR blocks, with an approximate KV cache.
 
-Paper: Wu et al., "Fast-dLLM: Training-free Acceleration of Diffusion LLM by Enabling KV Cache
-and Parallel Decoding", arXiv 2505.22618 (v1 PDF read [P]; Algorithm 1, Theorem 1, Fig. 3–4).
-Reference code: NVlabs/Fast-dLLM ``llada/generate.py`` (``generate``,
-``generate_with_prefix_cache``, ``generate_with_dual_cache``, ``get_transfer_index``,
-``get_transfer_index_dynamic``) and ``dream/model/generation_utils_block.py`` (``_sample``) [C]
-(research/baselines_core.md §3).
-
-Algorithm (per batch; rows share forwards, a row whose block is done waits without committing):
-
-1. Left-pad the prompts, append ``gen_length`` masks; positions restart at each row's first
-   real token.  Split the answer into ``gen_length / block_length`` blocks, decoded left to right.
-2. Each block ``[lo, hi)`` loops until it has no mask.  Step 0 of a block is a *refresh*: one
-   full forward over the whole buffer that (with a cache) also writes every position's K/V;
-   its logits are used for that step's commits (refresh-logit reuse, so the refresh costs no
-   extra forward).  ``refresh_every = k`` refreshes again at steps k, 2k, ... of the block.
-3. Other steps forward only part of the buffer, against the cache:
-   ``prefix``: queries = the block and everything after it; keys = cached ``[0, lo)`` + the
-   call's own fresh K/V (the block's and the suffix's cached K/V are not used).
-   ``dual``: queries = the block only; its fresh K/V overwrite the cache slots ``[lo, hi)`` in
-   place, and it attends to the cached (stale) prefix and suffix plus its own fresh K/V.
-   ``none``: every step is a full forward.
-4. Proposals: argmax of Gumbel-perturbed logits (plain argmax at T = 0); confidence: the
-   float64 softmax probability of the proposal under the un-noised logits.
-5. Commit among the block's masked positions: ``threshold`` rule = every one with confidence
-   >= ``threshold``, and always the best one; or, when ``factor`` is set, the factor rule =
-   the longest prefix of the ranked confidences with ``(n + 1)(1 - c_(n)) <= factor``
-   (rank 1 always).  ``threshold > 1`` therefore commits exactly one token per step.
-6. Dream family (``commit_first_after_refresh``): the block-start refresh commits only the
-   block's first position, unconditionally, from its (refresh) logits; rule 5 applies from the
-   next step.  The reference's Dream cache path does this because a cached step cannot
-   predict the block's first token: Dream's row for position p comes from position p-1, which
-   then lives only in the cache (the backbone returns NaN for such a row).
-7. ``early_exit``: a row is final once it holds an EOS-like token with nothing masked before
-   it; its remaining masks become EOS (the pad-style end token) and it takes no further part;
-   decoding stops when every row is final.
-
-NFE = number of forwards, refreshes included; there is no fixed step count.
-
-Hyperparameters (defaults = the paper's main setting, "PrefixCache, block 32, tau 0.9" [P],
-official scripts §3.6 [C]):
-
-==========================  =========  =============================================================
-key                         default    meaning / source
-==========================  =========  =============================================================
-gen_length                  128 (top)  answer budget; blocks cover it exactly
-block_length                32         semi-AR block (paper Fig. 4 sweep chose 32) [P, C]
-threshold                   0.9        commit every masked block position with conf >= threshold,
-                                       at least the best [P, C]; > 1: one token per step
-factor                      None       set: the factor rule replaces the threshold rule (later
-                                       official code) [C]; its tuned value is [U]
-cache                       prefix     none | prefix | dual; prefix is the paper's default [P]
-temperature                 0.0        Gumbel-max temperature; every official script uses 0 [C]
-refresh_every               None       None: refresh at block start only (the reference); k:
-                                       also every k steps of a block (1 = exact, no reuse)
-commit_first_after_refresh  None       Dream path of step 6; None = auto: on for Dream-family
-                                       backbones when a cache is used (as the reference), off
-                                       otherwise
-factor_last_rank_quirk      False      reproduce ``get_transfer_index_dynamic``'s off-by-one (a
-                                       failing last rank is committed) [C]
-early_exit                  False      step 7; the reference decodes the whole budget (issue #10) [S]
-==========================  =========  =============================================================
-
-Deviations from reference:
-
-* One loop for both families (LLaDA's ``generate*`` functions).  Fast-dLLM's Dream *no-cache*
-  "+Parallel" path is not block-wise (a quota-capped threshold over the whole answer, §3.5); here
-  Dream without cache is semi-AR block + threshold like every other variant, as §3.5 recommends.
-  With a cache, the Dream first-token commit (step 6) follows ``generation_utils_block.py`` [C].
-* Dream-family proposals/confidences use LLaDA's ``get_transfer_index`` (Gumbel-max, float64
-  softmax of the raw logits); ``generation_utils_block.py`` uses Dream's ``sample_tokens``
-  (categorical, confidence in the logits dtype, optional top-p/top-k).  At T = 0 without
-  top-p/top-k these agree up to the float64-vs-logits-dtype rounding of the confidence.
-* Gumbel noise is drawn for the block's rows only (the reference draws it for every row of the
-  call: whole buffer, suffix or block, and its later prefix-cache code draws an unused second
-  noise tensor per step); same distribution, different stream, and the cache modes then consume
-  the generator identically.
-* Batch > 1 works (rows wait for the slowest row of the block; positions restart per row); the
-  reference is batch 1, its dual cache mixes rows (PRs #17/#57) and its Dream model ignores
-  padding-aware positions (§3.4) [C, S].
-* The cache holds post-RoPE K/V in buffer-column slots (backbone.py, ``Backbone.step``); the
-  reference caches pre-RoPE K/V and re-rotates; same attention given true absolute positions
-  (§3.4) [C].  A prefix step writes the block's and the suffix's fresh K/V into their slots before
-  attending (the step seam attends the cache in place, no concatenation); the reference keeps them
-  out of the cache.  Same logits: those slots are rewritten before anything reads them again (the
-  next step recomputes them, the next block starts with a refresh).
-* Steps forward the whole suffix (prefix mode) as the reference, but only the block's rows go
-  through the LM head (the suffix rows are never used); NFE and token-forwards are unchanged.
-* The quota path (``threshold=None`` + ``steps``: the paper's "+Cache" baseline with LLaDA's
-  schedule) is not exposed; ``threshold > 1`` gives its one-token-per-step setting
-  (steps = gen_length, the one used in Table 1).  ``remasking="random"`` is not exposed.
-* The mask id is never proposed (its logit is ``-inf`` for the argmax / Gumbel-max only; the
-  confidence is the reference's softmax over the whole vocabulary): a committed mask would stay
-  masked, and at T = 0 the reference's ``while`` loop would then repeat the same step forever.  A
-  trained model gives the mask ~0 probability; a random or tiny test model does not.
-* Ties in the ranking break toward the lower position (stable sort) instead of ``torch.topk``'s
-  unspecified order [C].
+Sources: Wu et al., arXiv 2505.22618 [P]; NVlabs/Fast-dLLM ``llada/generate.py`` and
+``dream/model/generation_utils_block.py`` [C] (docs/research/baselines_core.md §3).  Blocks left
+to right; a block's first step is a refresh (a full forward that rewrites the cache, its logits
+used), then ``prefix`` (block + suffix) or ``dual`` (block only) cached steps until no mask is
+left; a step commits every masked block position with confidence >= ``threshold`` (at least the
+best), or the ``factor`` rule.  Dream with a cache: the refresh commits only the block's first
+token, as the reference does.  Deviations, in brief: one loop for both families; Gumbel noise for
+the block's rows only; batch > 1; the mask id is never proposed; ties toward the lower position.
+Algorithm, options and every deviation with its source: docs/samplers/fast_dllm.md.
 """
 from __future__ import annotations
 

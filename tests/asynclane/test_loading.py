@@ -1,6 +1,6 @@
 """Loader: official-name checkpoints (sharded or not) load into the native backbone exactly.
 
-The expected official names and shapes below are written out from research/backbones.md §1.2
+The expected official names and shapes below are written out from docs/research/backbones.md §1.2
 (LLaDA) and §2.2 (Dream) rather than taken from ``checkpoint.official_names``, so a wrong name
 map fails here.  A second, independent path builds the checkpoint from an HF Llama/Qwen2 model
 through the §4.1 map and checks the loaded backbone against that HF model.

@@ -5,7 +5,7 @@ Both tasks are verifiable, have answers of several lines separated by a newline 
 Every token is a whitespace-separated word of a small closed vocabulary (``VOCAB_WORDS``), so
 the tiny model's word-level tokenizer keeps sequences short.  Every answer line is produced
 from *content* (a key to look up, a value to compare), never from a bare position: the
-prototypes in research/tiny_model.md show position-indexed copying is out of reach of a 3M
+prototype training runs showed position-indexed copying is out of reach of a 3M
 model trained on a CPU, while content lookups are learned early.
 
 ``arith`` (GSM8K-shaped): a start value and labelled steps; one worked step per line, then
