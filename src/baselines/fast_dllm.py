@@ -69,7 +69,6 @@ class FastDllmSampler:
     def generate(self, backbone, prompts: Sequence[Sequence[int]], rng: torch.Generator) -> Generation:
         cfg, spec = self.cfg, backbone.spec
         first_only = cfg.first_after_refresh(spec.family)
-        self._check_dream_rows(spec.family, first_only)
         x, key_mask, positions, P = init_buffer(backbone, prompts, cfg.gen_length)
         pad = padding_mask(key_mask, prompts)  # None: no row is padded, no attention mask at all
         B, Lb = x.shape[0], cfg.block_length
@@ -77,18 +76,22 @@ class FastDllmSampler:
 
         for lo in range(P, P + cfg.gen_length, Lb):
             hi = lo + Lb
-            block = torch.arange(lo, hi, device=x.device)  # the block's columns: rows asked for by index, so
-            step = 0                                       # Dream's row lo stays the reference's (no p-1 added)
+            # the block's rows.  The reference's Dream path asks for them by index: its cached steps never
+            # read the block's first row, so the call stays the reference's.  Otherwise by range: for Dream
+            # a cached step then also processes the block's left neighbour (Backbone.step adds it)
+            want = torch.arange(lo, hi, device=x.device) if first_only else (lo, hi)
+            step = 0
             while bool((masked := x[:, lo:hi] == spec.mask_id).any()):
                 every = cfg.refresh_every
                 if cache is None:
-                    logits = backbone.forward(x, positions=positions, key_mask=pad, predict=block.expand(B, -1))
+                    logits = backbone.forward(x, positions=positions, key_mask=pad,
+                                              predict=torch.arange(lo, hi, device=x.device).expand(B, -1))
                 elif rules.refresh_due(step, every):  # refresh: every slot rewritten
-                    logits = backbone.step(x, cache, (0, x.shape[1]), predict=block)
+                    logits = backbone.step(x, cache, (0, x.shape[1]), predict=want)
                 elif cfg.cache == "prefix":  # the block and the suffix; [0, lo) read from the cache
-                    logits = backbone.step(x, cache, (lo, x.shape[1]), predict=block)
+                    logits = backbone.step(x, cache, (lo, x.shape[1]), predict=want)
                 else:  # dual: the block's fresh K/V replace its slots in place, then it attends to all
-                    logits = backbone.step(x, cache, (lo, hi))
+                    logits = backbone.step(x, cache, (lo, hi), predict=want)
                 # never propose the mask (Deviations); the confidence keeps the reference's softmax
                 proposal = rules.propose(logits, spec.mask_id, cfg.temperature, rng)
                 if step == 0 and first_only:  # Dream path: the block's first token, unconditionally
@@ -105,16 +108,6 @@ class FastDllmSampler:
                 step += 1
 
         return finish(x, P, spec)
-
-    def _check_dream_rows(self, family: str, first_only: bool) -> None:
-        """A Dream cached step cannot predict the block's first token; refuse settings that would ask."""
-        cfg = self.cfg
-        if family == "dream" and cfg.cache != "none" and not first_only and cfg.refresh_every != 1:
-            raise ValueError(
-                f"commit_first_after_refresh=False with cache={cfg.cache!r} on a Dream-family backbone: a "
-                "cached step cannot predict a block's first token (its row comes from position p-1, which "
-                "is only in the cache); use commit_first_after_refresh=null/true (the reference's Dream "
-                "path), cache='none', or refresh_every=1")
 
     @staticmethod
     def _close_finished(x: torch.Tensor, P: int, spec) -> torch.Tensor:

@@ -331,9 +331,27 @@ def test_dream_first_token_comes_from_the_refresh(dream):
         assert after is not None and after.shape[1] == 38 - 6 - 8 * b  # prefix mode: suffix call
         assert int((after[0, :8] == dream.spec.mask_id).sum()) == 7
     assert (out.tokens != dream.spec.mask_id).all()
-    with pytest.raises(ValueError, match=r"commit_first_after_refresh=False with cache='prefix'"):
-        build_sampler("fast_dllm", gen_length=32, commit_first_after_refresh=False).generate(
-            dream, prompts, torch.Generator())
+
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_dream_without_the_first_token_rule_predicts_the_block_start(dream, cache):
+    """Off the reference's Dream path, a cached step asks for the block's rows by range and the backbone
+    adds the block's left neighbour (Backbone.step): every row is a real prediction, one column more."""
+    calls = []
+
+    class _Spy(LogitsHook):
+        def adjust(self, logits, ids, positions, rows):
+            calls.append((int(positions[0, 0]), ids.shape[1], bool(torch.isfinite(logits).all())))
+            return logits
+
+    prompts = random_prompts(dream, lengths=(6,), seed=3)
+    out = build_sampler("fast_dllm", gen_length=32, block_length=8, threshold=0.9, cache=cache,
+                        commit_first_after_refresh=False).generate(_Spy(dream), prompts, torch.Generator())
+    assert (out.tokens != dream.spec.mask_id).all() and all(finite for _, _, finite in calls)
+    cached = [(start, width) for start, width, _ in calls if width != 38]  # the refreshes span the buffer
+    assert cached and all(start + 1 in (6, 14, 22, 30) for start, _ in cached)  # block start - 1
+    assert all(width == (38 - start if cache == "prefix" else 9) for start, width in cached)
 
 
 # --- commit rules -----------------------------------------------------------------------------
