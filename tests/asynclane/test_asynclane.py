@@ -9,9 +9,11 @@ import json
 import pytest
 import torch
 
-from asynclane.lanes import DONE, GEN, KILLED, REF
+from asynclane.lane.forks import delimiter_set
+from asynclane.lane.plan import cached_row_columns
+from asynclane.lane.tree import DONE, GEN, KILLED, REF
 from asynclane.sampler import build_sampler, first_eos_cut
-from asynclane.samplers.asynclane import AsyncLaneConfig, delimiter_set
+from asynclane.samplers.asynclane import AsyncLaneConfig
 from asynclane.testing import LogitsHook, random_prompts, run_counted
 
 import baselines  # noqa: E402,F401  (registers fast_dllm for the equivalence tests)
@@ -282,14 +284,14 @@ def test_dual_compact_refresh_recomputes_from_the_first_stale_slot_to_the_workin
     """A dual-cache compact call rewrites [first stale slot, last working position], not the stale
     slots alone: K/V between a changed token and the lanes were computed with the old token in
     context.  (Stale slots only: the embedded model fell from 96% to 76% exact on arith, L=256.)"""
-    plan = build_sampler("asynclane", gen_length=64, cache="dual")._plan
-    cols, write, kind = plan(object(), False, [40, 41, 42, 50], [12, 20, 41], 70, 70)
-    assert cols == list(range(12, 51)) and write and kind == "compact"
+    cfg = AsyncLaneConfig(gen_length=64, cache="dual")
+    cols, write, refresh = cached_row_columns(cfg, False, [40, 41, 42, 50], [12, 20, 41], 70, 70)
+    assert cols == list(range(12, 51)) and write and refresh == "compact"
     # stale slots only right of the working positions (the EOS fill after a cascade): just those
-    cols, _, kind = plan(object(), False, [40, 41], [60, 61], 70, 70)
-    assert cols == [40, 41, 60, 61] and kind == "compact"
-    cols, _, kind = plan(object(), False, [40, 41], [41], 70, 70)  # nothing stale outside: no refresh
-    assert cols == [40, 41] and kind is None
+    cols, _, refresh = cached_row_columns(cfg, False, [40, 41], [60, 61], 70, 70)
+    assert cols == [40, 41, 60, 61] and refresh == "compact"
+    cols, _, refresh = cached_row_columns(cfg, False, [40, 41], [41], 70, 70)  # nothing stale outside: no refresh
+    assert cols == [40, 41] and refresh is None
 
 
 # --- delimiters, configuration, batch ---------------------------------------------------------

@@ -8,7 +8,7 @@ is the view, whose row drives the fast_dllm step of it and every lane to its rig
 import pytest
 import torch
 
-from asynclane.lanes import DONE, KILLED
+from asynclane.lane.tree import DONE, KILLED
 from asynclane.testing import LogitsHook, random_prompts
 
 from test_asynclane import CACHES, FORKY, _checked_forks, _Delim, _EosAt, _check_invariants, _run

@@ -283,41 +283,6 @@ def test_fill_after_first_eos():
     assert hit.tolist() == [True, True, False, True] and torch.equal(tokens, before)
 
 
-# ----------------------------------------------------------------------------- AsyncLane fork test
-
-M, D = 9, 5  # mask id and a delimiter id in these hand-made rows
-
-
-def _fork(tokens, conf=None, lo=0, hi=None, **kw):
-    t = torch.tensor(tokens)
-    c = torch.tensor(conf if conf is not None else [1.0] * len(tokens), dtype=torch.float64)
-    opts = dict(delimiter_threshold=0.5, max_residual_fraction=0.25, min_prefix=4)
-    opts.update(kw)
-    return rules.fork_point(t, c, lo, len(tokens) if hi is None else hi, M, {D}, **opts)
-
-
-def test_fork_point_needs_a_mostly_settled_prefix_with_something_left():
-    assert _fork([1, M, 2, 3, D, M, M]) == 4  # 1 mask in a prefix of 5 (<= 1.25)
-    assert _fork([1, 2, 3, 4, D, M, M]) is None  # nothing to refine: plain block decoding
-    assert _fork([M, M, 2, 3, D, M, M]) is None  # 2 masks > 0.25 * 5
-    assert _fork([M, M, 2, 3, D, M, M], max_residual_fraction=0.4) == 4
-
-
-def test_fork_point_takes_the_rightmost_qualifying_delimiter():
-    assert _fork([1, M, 2, D, 3, 4, 6, 7, D, M]) == 8
-    # the right one's prefix is too unsettled, the left one qualifies
-    assert _fork([1, M, 2, D, M, M, M, 7, D, M], min_prefix=4) == 3
-
-
-def test_fork_point_respects_confidence_min_prefix_and_window():
-    row = [1, M, 2, 3, D, M]
-    assert _fork(row, conf=[1, 0, 1, 1, 0.4, 0]) is None  # delimiter committed without confidence
-    assert _fork(row, min_prefix=6) is None
-    assert _fork([7, 7] + row, lo=2) == 6  # positions are absolute; only [lo, hi) is read
-    assert _fork([7, 7] + row, lo=2, hi=6) is None  # the delimiter lies outside the window
-    assert rules.fork_point(torch.tensor(row), torch.ones(6, dtype=torch.float64), 0, 6, M, set(), 0.5, 0.25, 4) is None
-
-
 def test_commit_above_has_no_progress_guarantee_and_commit_threshold_adds_the_best():
     score = torch.tensor([[0.3, float("-inf"), 0.6, 0.95]])
     assert rules.commit_above(score, 0.9).tolist() == [[False, False, False, True]]
