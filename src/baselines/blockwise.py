@@ -20,6 +20,32 @@ import torch
 from asynclane import rules
 from asynclane.sampler import Generation, SamplerConfig, check_block_length, finish, init_buffer, padding_mask, register
 
+
+# --------------------------------------------------------------------------- rules only blockwise uses
+
+def random_confidence(shape, rng: torch.Generator, device=None) -> torch.Tensor:
+    """Uniform(0, 1) float32 scores of ``shape``: LLaDA ``remasking="random"`` [C].
+
+    The reference draws ``torch.rand((B, L))`` from the global RNG; here from ``rng``, on the
+    generator's device, then moved to ``device``.
+    """
+    return torch.rand(shape, generator=rng, device=rng.device).to(device)
+
+
+def uniform_transfer_counts(is_masked: torch.Tensor, steps: int) -> torch.Tensor:
+    """(B, steps) int64 number of tokens to commit at each step of one block.
+
+    LLaDA ``get_num_transfer_tokens`` [C], from the linear noise schedule (paper Eq. 8): the
+    block's m masked positions split evenly over ``steps``; the remainder ``m % steps`` goes one
+    each to the *first* steps.  ``is_masked``: (B, Lb) bool over the block.
+    """
+    if steps <= 0:
+        raise ValueError(f"steps must be positive, got {steps}")
+    m = is_masked.sum(-1, keepdim=True)  # (B, 1)
+    step = torch.arange(steps, device=is_masked.device)
+    return m // steps + (step < m % steps).long()
+
+
 REMASKING = ("low_confidence", "random")
 
 
@@ -74,7 +100,7 @@ class BlockwiseSampler:
         # mirrors ML-GSAI/LLaDA@b7e6c35:generate.py `generate` (one loop per block, then per step)
         for lo in range(P, P + cfg.gen_length, cfg.block_length):
             hi = lo + cfg.block_length
-            quota = rules.uniform_transfer_counts(x[:, lo:hi] == spec.mask_id, cfg.steps_per_block)
+            quota = uniform_transfer_counts(x[:, lo:hi] == spec.mask_id, cfg.steps_per_block)
             for step in range(cfg.steps_per_block):
                 is_masked = x == spec.mask_id
                 logits = backbone.forward(x, positions=positions, key_mask=pad)
@@ -86,7 +112,7 @@ class BlockwiseSampler:
                         logits = logits.index_fill(-1, eos_eot_cols, float("-inf"))
                     score = rules.confidence_prob(logits, x0)
                 else:
-                    score = rules.random_confidence(x0.shape, rng, device=x.device)
+                    score = random_confidence(x0.shape, rng, device=x.device)
                 score = rules.restrict_confidence(score, is_masked, lo, hi)
                 commit = rules.commit_topk(score, quota[:, step])
                 x = torch.where(commit, x0, x)

@@ -21,6 +21,43 @@ import torch
 from asynclane import rules
 from asynclane.sampler import Generation, SamplerConfig, check_block_length, finish, init_buffer, padding_mask, register
 
+
+# --------------------------------------------------------------------------- rules only d3llm uses
+
+_NEG_INF = float("-inf")
+
+
+def commit_best_in(commit: torch.Tensor, score: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool: ``commit`` plus, in each row whose ``region`` got no commit, the region's best position.
+
+    d3LLM forced progress [C] (asynclane.md §5): after the entropy-threshold rule, the first
+    fully activated block that still holds masks must decode at least one token; if none of its
+    positions was selected, its lowest-entropy (highest-score) masked position is added.  Only
+    eligible (finite ``score``) positions of ``region`` (B, L) count; a row whose region has none
+    is left as it is.  Ties break toward the lower index.
+    """
+    eligible = region & (score > _NEG_INF)
+    need = eligible.any(-1) & ~(commit & region).any(-1)  # (B,)
+    best = torch.where(eligible, score, torch.full_like(score, _NEG_INF)).argmax(-1)  # first max: lowest index
+    add = torch.zeros_like(commit)
+    add[torch.arange(score.shape[0], device=score.device), best] = True
+    return commit | (add & need[:, None])
+
+
+def fill_after_first_eos(tokens: torch.Tensor, eos_ids, fill_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens', hit): every position after each row's first EOS-like token set to ``fill_id``.
+
+    d3LLM ``handle_early_stop`` [C] (asynclane.md §3.9): as soon as any EOS is *decoded*, the
+    rest of the answer becomes EOS (not mask) and takes no further part in decoding, even
+    while masks remain before it.  ``tokens``: (B, L) generated region, returned as a new
+    tensor; ``hit``: (B,) bool, rows holding an EOS-like token.  The reference tests one id;
+    here every id of ``eos_ids`` counts.
+    """
+    eos = torch.isin(tokens, torch.as_tensor(list(eos_ids), device=tokens.device))
+    after = (eos.long().cumsum(-1) - eos.long()) > 0  # strictly after the first EOS-like token
+    return tokens.masked_fill(after, fill_id), eos.any(-1)
+
+
 CACHES = ("none", "delayed")
 
 
@@ -137,11 +174,11 @@ class D3llmSampler:
             commit = rules.commit_threshold(score, -cfg.threshold)
             needy = full & (left > 0)  # forced progress: the first fully activated block with masks
             region = (block_of == needy.long().argmax(-1)[:, None]) & needy.any(-1)[:, None]
-            commit = rules.commit_best_in(commit, score, region)
+            commit = commit_best_in(commit, score, region)
             stalled = (live & ~commit.any(-1)).any()  # checked at the next transfer
             gen = torch.where(commit, proposal, gen)
             if cfg.early_stop:  # the blocks after the EOS now hold no mask: none is decoded or waited for
-                gen, _ = rules.fill_after_first_eos(gen, spec.eos_ids, spec.eos_id)
+                gen, _ = fill_after_first_eos(gen, spec.eos_ids, spec.eos_id)
             x[:, P:] = gen
             step += 1
 

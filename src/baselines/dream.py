@@ -19,6 +19,128 @@ import torch
 from asynclane import rules
 from asynclane.sampler import Generation, SamplerConfig, finish, init_buffer, padding_mask, register
 
+
+# --------------------------------------------------------------------------- rules only dream uses
+
+DREAM_MEASURES = ("prob", "margin", "neg_entropy")
+
+
+def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of top tokens whose probability reaches ``top_p``.
+
+    Dream ``top_p_logits`` [M]: sort descending, cumulative softmax; drop a token when the mass
+    *before* it already exceeds ``top_p`` (the first token is always kept).  Dropped logits become
+    ``finfo(dtype).min`` (not ``-inf``), as in the reference.
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    mass = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+    drop_sorted = torch.zeros_like(mass, dtype=torch.bool)
+    drop_sorted[..., 1:] = mass[..., :-1] > top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, torch.finfo(logits.dtype).min)
+
+
+def filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep logits >= the ``top_k``-th largest (ties at the cut survive); others -> ``finfo.min``.
+
+    Dream ``top_k_logits`` [M]; ``top_k`` is capped at the vocabulary size.
+    """
+    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, torch.finfo(logits.dtype).min)
+
+
+def categorical_sample(probs: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+    """(N,) one draw per row of ``probs`` (N, V), as ``torch.distributions.Categorical(probs).sample()``.
+
+    Same arithmetic as the distribution (rows renormalised, then ``multinomial(.., 1, True)``), so a
+    generator seeded like the global RNG reproduces the reference's draws [M].  Runs on
+    ``rng.device``; the result comes back on ``probs.device``.
+    """
+    p = probs / probs.sum(-1, keepdim=True)
+    return torch.multinomial(p.to(rng.device), 1, True, generator=rng).squeeze(-1).to(probs.device)
+
+
+def dream_sample_tokens(logits: torch.Tensor, temperature: float, top_p: Optional[float],
+                        top_k: Optional[int], rng: Optional[torch.Generator],
+                        measure: str = "prob") -> tuple[torch.Tensor, torch.Tensor]:
+    """(confidence (N,), tokens (N,)) for N rows of logits (N, V): Dream ``sample_tokens`` [M].
+
+    Order as the reference: divide by ``temperature`` (if > 0), nucleus filter (if
+    ``top_p < 1``), top-k filter, softmax.  Tokens: a categorical draw at ``temperature > 0``
+    (argmax when the probabilities are not a valid distribution: the reference catches the
+    distribution's exception and falls back), else argmax.  ``measure``: ``prob`` = probability
+    of the chosen token (``maskgit_plus``), ``margin`` = top-1 minus top-2 probability
+    (``topk_margin``), ``neg_entropy`` = ``sum p log(p + 1e-10)`` (``entropy``; the reference's
+    epsilon, unlike :func:`confidence_neg_entropy`).  The filters change the confidence even at
+    temperature 0 (baselines_core.md §2.3).
+    """
+    if measure not in DREAM_MEASURES:
+        raise ValueError(f"measure={measure!r} is not one of {', '.join(DREAM_MEASURES)}")
+    if temperature > 0:
+        logits = logits / temperature
+    if top_p is not None and top_p < 1:
+        logits = filter_top_p(logits, top_p)
+    if top_k is not None:
+        logits = filter_top_k(logits, top_k)
+    probs = torch.softmax(logits, dim=-1)
+    # a categorical draw needs a valid distribution (one host check, only when sampling)
+    if temperature > 0 and probs.shape[0] > 0 and bool((torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)).all()):
+        if rng is None:
+            raise ValueError("dream_sample_tokens needs a torch.Generator when temperature > 0")
+        tokens = categorical_sample(probs, rng)
+        confidence = probs.gather(-1, tokens[:, None]).squeeze(-1)
+    else:
+        confidence, tokens = probs.max(dim=-1)
+    if measure == "margin":
+        top2 = probs.topk(2, dim=-1).values
+        confidence = top2[..., 0] - top2[..., 1]
+    elif measure == "neg_entropy":
+        confidence = (probs * torch.log(probs + 1e-10)).sum(-1)
+    return confidence, tokens
+
+
+def dream_timesteps(steps: int, eps: float, device=None) -> torch.Tensor:
+    """(steps + 1,) float32 ``linspace(1, eps, steps + 1)``: Dream's t grid [M]; step i goes t_i -> t_{i+1}."""
+    if steps <= 0:
+        raise ValueError(f"steps must be positive, got {steps}")
+    return torch.linspace(1, eps, steps + 1, device=device)
+
+
+def dream_transfer_count(is_masked: torch.Tensor, t: torch.Tensor, s: torch.Tensor, last: bool) -> int:
+    """Tokens to commit this step (every row): Dream's timestep quota [M] (baselines_core.md §2.4).
+
+    ``int(m * (1 - s / t))`` with ``m`` the *batch-mean* masked count (float32, truncated), and
+    ``int(m)`` at the last step.  ``is_masked``: (B, L) over the whole buffer.  With steps ==
+    masked count, the first step commits 0 and the last 2 (float32 rounding, as the reference).
+    """
+    mean = is_masked.sum() / is_masked.shape[0]
+    return int(mean) if last else int(mean * (1 - s / t))
+
+
+def dream_origin_fire(n: int, t: torch.Tensor, s: torch.Tensor, last: bool, rng: torch.Generator) -> torch.Tensor:
+    """(n,) bool: which of the ``n`` masked positions (flattened over the batch) are decoded now.
+
+    Dream ``alg="origin"`` [M]: each fires independently with probability ``1 - s / t``
+    (``uniform < p``, float32), all of them at the last step.  One uniform per masked position,
+    drawn from ``rng`` on its device and compared on ``t``'s device.
+    """
+    u = torch.rand(n, generator=rng, device=rng.device).to(t.device)
+    return u < (1 if last else 1 - s / t)
+
+
+def commit_sampled(score: torch.Tensor, k: int, temperature: float, rng: torch.Generator) -> torch.Tensor:
+    """(B, L) bool: ``k`` positions per row drawn without replacement from ``softmax(score / temperature)``.
+
+    Dream ``alg_temp > 0`` [M]: ``multinomial(softmax(conf / alg_temp), k)``; ``-inf`` (ineligible)
+    positions get probability 0.  Requires at least ``k`` eligible positions per row.
+    """
+    if k <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    p = torch.softmax(score / temperature, dim=-1)
+    picked = torch.multinomial(p.to(rng.device), k, generator=rng).to(score.device)
+    return torch.zeros_like(score, dtype=torch.bool).scatter(-1, picked, True)
+
+
 ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 _MEASURE = {"maskgit_plus": "prob", "topk_margin": "margin", "entropy": "neg_entropy"}
 
@@ -69,7 +191,7 @@ class DreamSampler:
         cfg, spec = self.cfg, backbone.spec
         x, key_mask, positions, P = init_buffer(backbone, prompts, cfg.gen_length)
         pad = padding_mask(key_mask, prompts)  # None when no row is padded: no attention mask
-        timesteps = rules.dream_timesteps(cfg.num_steps, cfg.eps, device=x.device)
+        timesteps = dream_timesteps(cfg.num_steps, cfg.eps, device=x.device)
         sample = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, rng=rng)
 
         # mirrors generation_utils.py `_sample` (one loop over steps; no blocks)
@@ -80,20 +202,20 @@ class DreamSampler:
             logits = rules.without_mask(logits, spec.mask_id)  # never propose the mask (Deviations)
             masked_logits = logits[is_masked]  # (N, V), row-major over (batch, position)
             if cfg.alg == "origin":
-                fire = rules.dream_origin_fire(masked_logits.shape[0], t, s, last, rng)
+                fire = dream_origin_fire(masked_logits.shape[0], t, s, last, rng)
                 fill = torch.full_like(x[is_masked], spec.mask_id)
                 if bool(fire.any()):
-                    fill[fire] = rules.dream_sample_tokens(masked_logits[fire], **sample)[1]
+                    fill[fire] = dream_sample_tokens(masked_logits[fire], **sample)[1]
                 x = x.masked_scatter(is_masked, fill)
                 continue
-            confidence, proposal = rules.dream_sample_tokens(masked_logits, measure=_MEASURE[cfg.alg], **sample)
-            k = rules.dream_transfer_count(is_masked, t, s, last)
+            confidence, proposal = dream_sample_tokens(masked_logits, measure=_MEASURE[cfg.alg], **sample)
+            k = dream_transfer_count(is_masked, t, s, last)
             if k <= 0:
                 continue
             score = torch.full(x.shape, float("-inf"), dtype=confidence.dtype, device=x.device)
             score = score.masked_scatter(is_masked, confidence)
             if cfg.alg_temp:  # None or 0: deterministic top-k
-                commit = rules.commit_sampled(score, k, cfg.alg_temp, rng)
+                commit = commit_sampled(score, k, cfg.alg_temp, rng)
             else:
                 commit = rules.commit_topk(score, k)
             x = torch.where(commit, x.masked_scatter(is_masked, proposal), x)

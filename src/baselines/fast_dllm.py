@@ -20,6 +20,56 @@ import torch
 from asynclane import rules
 from asynclane.sampler import Generation, SamplerConfig, check_block_length, finish, init_buffer, padding_mask, register
 
+
+# --------------------------------------------------------------------------- rules only fast_dllm uses
+
+_NEG_INF = float("-inf")
+
+
+def first_position_only(masked: torch.Tensor) -> torch.Tensor:
+    """(B, n) commit mask of the first position where it is still masked (the rule above)."""
+    commit = torch.zeros_like(masked)
+    commit[:, 0] = masked[:, 0]
+    return commit
+
+
+def commit_factor(score: torch.Tensor, factor: float, last_rank_quirk: bool = False) -> torch.Tensor:
+    """(B, L) bool: Fast-dLLM's factor rule over the eligible positions of each row.
+
+    Later official Fast-dLLM ``get_transfer_index_dynamic`` [C] (baselines_core.md §3.1; the
+    paper's Theorem 1 [P]): sort scores ``c(1) >= c(2) >= ...`` and keep the longest prefix in
+    which every rank ``n >= 2`` has ``c(n) >= 1 - factor / (n + 1)``, i.e.
+    ``(n + 1)(1 - c(n)) <= factor`` (equality passes, as in the code's ``<`` fail test).  Rank 1
+    is always kept, so a row with any eligible position commits at least one.
+
+    ``last_rank_quirk=True`` reproduces the reference's off-by-one: when the first failing rank
+    is the last eligible one, it is committed anyway.  Default: the clean rule.
+    """
+    order = score.argsort(dim=-1, descending=True, stable=True)
+    ranked = score.gather(-1, order).to(torch.float64)  # (B, L), eligible first
+    n = torch.arange(1, score.shape[-1] + 1, device=score.device, dtype=torch.float64)
+    passes = (ranked >= 1 - factor / (n + 1)) & (ranked > _NEG_INF)
+    passes[:, 0] = ranked[:, 0] > _NEG_INF  # rank 1 always (when eligible); `passes` is ours
+    count = passes.long().cumprod(-1).sum(-1, keepdim=True)  # (B, 1) length of the prefix
+    if last_rank_quirk:
+        n_eligible = (score > _NEG_INF).sum(-1, keepdim=True)
+        count = torch.where((n_eligible >= 2) & (count == n_eligible - 1), n_eligible, count)
+    return order.argsort(-1) < count
+
+
+def finished_at_eos(tokens: torch.Tensor, mask_id: int, eos_ids) -> torch.Tensor:
+    """(B,) bool: the row holds an EOS-like token and every position before its first one is decoded.
+
+    ``tokens``: (B, L) generated region.  Such a row's answer is final whatever its later masks
+    become, which is what an early exit may rely on.
+    """
+    eos = torch.isin(tokens, torch.as_tensor(list(eos_ids), device=tokens.device))
+    has = eos.any(-1)
+    first = torch.where(has, eos.float().argmax(-1), torch.full_like(has, tokens.shape[-1], dtype=torch.long))
+    before = torch.arange(tokens.shape[-1], device=tokens.device) < first[:, None]
+    return has & ~((tokens == mask_id) & before).any(-1)
+
+
 CACHES = ("none", "prefix", "dual")
 
 
@@ -95,11 +145,11 @@ class FastDllmSampler:
                 # never propose the mask (Deviations); the confidence keeps the reference's softmax
                 proposal = rules.propose(logits, spec.mask_id, cfg.temperature, rng)
                 if step == 0 and first_only:  # Dream path: the block's first token, unconditionally
-                    commit = rules.first_position_only(masked)
+                    commit = first_position_only(masked)
                 else:
                     score = rules.restrict_confidence(rules.confidence_prob(logits, proposal, torch.float64), masked)
                     if cfg.factor is not None:
-                        commit = rules.commit_factor(score, cfg.factor, cfg.factor_last_rank_quirk)
+                        commit = commit_factor(score, cfg.factor, cfg.factor_last_rank_quirk)
                     else:
                         commit = rules.commit_threshold(score, cfg.threshold)
                 x[:, lo:hi] = torch.where(commit, proposal, x[:, lo:hi])
@@ -113,6 +163,6 @@ class FastDllmSampler:
     def _close_finished(x: torch.Tensor, P: int, spec) -> torch.Tensor:
         """Early exit: rows final at their first EOS get their remaining masks filled with EOS."""
         gen = x[:, P:]
-        done = rules.finished_at_eos(gen, spec.mask_id, spec.eos_ids)
+        done = finished_at_eos(gen, spec.mask_id, spec.eos_ids)
         x[:, P:] = torch.where(done[:, None] & (gen == spec.mask_id), spec.eos_id, gen)
         return x

@@ -8,6 +8,7 @@ from asynclane.counting import CountingBackbone
 from asynclane.sampler import build_sampler
 from asynclane.testing import random_prompts
 from baselines.blockwise import BlockwiseConfig
+from baselines import blockwise  # noqa: E402  (its own rules, tested below)
 
 SETTINGS = [  # (gen_length, block_length, steps)
     (16, 16, 16),  # pure diffusion, one token per step
@@ -252,3 +253,22 @@ def test_config_validation(opts, match):
         BlockwiseConfig(**opts)
     with pytest.raises(ValueError, match=match):
         build_sampler("blockwise", **opts)
+
+
+# --- the rules only this sampler uses
+
+def test_random_confidence_uses_the_generator_only():
+    a = blockwise.random_confidence((2, 3), torch.Generator().manual_seed(5))
+    b = blockwise.random_confidence((2, 3), torch.Generator().manual_seed(5))
+    assert a.shape == (2, 3) and a.dtype == torch.float32 and torch.equal(a, b)
+    assert ((a >= 0) & (a < 1)).all()
+
+
+def test_uniform_transfer_counts_remainder_goes_to_first_steps():
+    is_masked = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    counts = blockwise.uniform_transfer_counts(is_masked, 3)
+    assert counts.tolist() == [[2, 2, 1], [1, 1, 1], [1, 1, 0]]
+    assert counts.dtype == torch.int64
+    assert blockwise.uniform_transfer_counts(is_masked[2:], 4).tolist() == [[1, 1, 0, 0]]
+    with pytest.raises(ValueError, match="steps"):
+        blockwise.uniform_transfer_counts(is_masked, 0)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from asynclane.sampler import build_sampler, first_eos_cut
 from asynclane.testing import LogitsHook, random_prompts, run_counted
 from baselines.d3llm import D3llmConfig
+from baselines import d3llm  # noqa: E402  (its own rules, tested below)
 
 # the random backbones' entropies start near 3.0 (LLaDA) / 2.54 (Dream) nats: one, some or all pass
 THRESHOLDS = {"llada": [0.5, 3.0008, 1e9], "dream": [0.5, 2.45, 1e9]}
@@ -359,3 +360,39 @@ def test_config_validation(opts, match):
         D3llmConfig(**opts)
     with pytest.raises(ValueError, match=match):
         build_sampler("d3llm", **opts)
+
+
+# --- the rules only this sampler uses
+
+INF = float("inf")
+
+
+def test_commit_best_in_adds_the_regions_best_only_when_it_got_nothing():
+    score = torch.tensor([[0.9, -INF, 0.2, 0.5, 0.1],    # region {2, 3} got nothing: add 3 (0.5)
+                          [0.9, 0.3, 0.2, -INF, 0.1],    # region {2, 3} already has a commit
+                          [0.9, -INF, -INF, -INF, 0.1],  # region has no eligible position
+                          [-INF, 0.4, 0.4, 0.4, -INF]])  # tie: the lower index
+    region = torch.tensor([[False, False, True, True, False]] * 3 + [[False, False, True, True, True]])
+    commit = torch.tensor([[True, False, False, False, False],
+                           [True, False, True, False, False],
+                           [True, False, False, False, False],
+                           [False, True, False, False, False]])
+    before = commit.clone()
+    out = d3llm.commit_best_in(commit, score, region)
+    assert out.tolist() == [[True, False, False, True, False],
+                            [True, False, True, False, False],
+                            [True, False, False, False, False],
+                            [False, True, True, False, False]]
+    assert torch.equal(commit, before)
+
+
+def test_fill_after_first_eos():
+    M, E, T, F = 9, 7, 8, 7  # mask; eos-like ids 7 and 8; fill with 7
+    tokens = torch.tensor([[1, E, M, 3, M],   # fill after the EOS, masks included
+                           [1, M, 2, T, 4],   # the EoT counts; masks before it stay
+                           [1, 2, 3, 4, M],   # no EOS: unchanged
+                           [1, 2, 3, 4, T]])  # EOS last: nothing after it
+    before = tokens.clone()
+    out, hit = d3llm.fill_after_first_eos(tokens, (E, T), F)
+    assert out.tolist() == [[1, E, F, F, F], [1, M, 2, T, F], [1, 2, 3, 4, M], [1, 2, 3, 4, T]]
+    assert hit.tolist() == [True, True, False, True] and torch.equal(tokens, before)

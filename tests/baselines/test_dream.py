@@ -8,16 +8,18 @@ generator reproduces the reference's draws.  The reference model is the random b
 head output; the Dream shift is written out here (LLaDA logits are aligned already), and the mask
 column is ``-inf`` (the sampler never proposes the mask: see Deviations in baselines/dream.py).
 """
+import math
+
 import pytest
 import torch
 import torch.distributions as dists
 import torch.nn.functional as F
 
-from asynclane import rules
 from asynclane.counting import CountingBackbone
 from asynclane.sampler import build_sampler
 from asynclane.testing import random_prompts
 from baselines.dream import DreamConfig
+from baselines import dream  # noqa: E402  (its own rules, tested below)
 
 
 
@@ -268,12 +270,107 @@ def test_config_validation(opts, match):
 
 
 def test_schedule_rules_match_the_reference_formula():
-    ts = rules.dream_timesteps(8, 1e-3)
+    ts = dream.dream_timesteps(8, 1e-3)
     assert ts.dtype == torch.float32 and ts.shape == (9,) and ts[0] == 1 and abs(float(ts[-1]) - 1e-3) < 1e-9
     is_masked = torch.ones(2, 24, dtype=torch.bool)
     left, counts = 24, []
     for i in range(8):
         is_masked[:, left:] = False
-        counts.append(rules.dream_transfer_count(is_masked, ts[i], ts[i + 1], i == 7))
+        counts.append(dream.dream_transfer_count(is_masked, ts[i], ts[i + 1], i == 7))
         left -= counts[-1]
     assert counts == [2, 3, 3, 3, 3, 3, 3, 4] and left == 0
+
+
+# --- the rules only this sampler uses
+
+def _logits_from_probs(*rows):
+    return torch.tensor(rows, dtype=torch.float64).log()[None]  # (1, L, V)
+
+
+INF = float("inf")
+
+
+def test_filter_top_p_keeps_the_smallest_nucleus_and_the_first_token():
+    logits = _logits_from_probs([0.5, 0.3, 0.15, 0.05]).float()
+    low = torch.finfo(torch.float32).min
+    # mass before each token: 0, .5, .8, .95 -> with top_p .7 the third token (mass .8 before it) goes
+    assert dream.filter_top_p(logits, 0.7)[0, 0].tolist()[2:] == [low, low]
+    assert dream.filter_top_p(logits, 0.7)[0, 0, :2].tolist() == logits[0, 0, :2].tolist()
+    assert dream.filter_top_p(logits, 0.01)[0, 0].tolist()[1:] == [low] * 3  # first token always kept
+    unsorted = logits[..., [2, 0, 3, 1]]  # positions do not matter
+    assert dream.filter_top_p(unsorted, 0.7)[0, 0].tolist() == [low, unsorted[0, 0, 1].item(), low,
+                                                                unsorted[0, 0, 3].item()]
+
+
+def test_filter_top_k_keeps_ties_at_the_cut():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 2.0, 0.0]])
+    low = torch.finfo(torch.float32).min
+    assert dream.filter_top_k(logits, 2).tolist() == [[low, 3.0, 2.0, 2.0, low]]
+    assert torch.equal(dream.filter_top_k(logits, 99), logits)
+
+
+def test_categorical_sample_equals_the_distribution_with_the_same_seed():
+    probs = torch.softmax(torch.randn(6, 9, generator=torch.Generator().manual_seed(0)), -1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(4)
+        want = torch.distributions.Categorical(probs=probs).sample()
+    assert torch.equal(dream.categorical_sample(probs, torch.Generator().manual_seed(4)), want)
+
+
+def test_dream_sample_tokens_measures_at_zero_temperature():
+    logits = _logits_from_probs([0.6, 0.3, 0.1], [0.2, 0.2, 0.6])[0].float()
+    conf, tok = dream.dream_sample_tokens(logits, 0.0, None, None, None)
+    assert tok.tolist() == [0, 2] and conf.tolist() == pytest.approx([0.6, 0.6])
+    conf, _ = dream.dream_sample_tokens(logits, 0.0, None, None, None, measure="margin")
+    assert conf.tolist() == pytest.approx([0.3, 0.4])
+    conf, _ = dream.dream_sample_tokens(logits, 0.0, None, None, None, measure="neg_entropy")
+    ent = [sum(p * math.log(p + 1e-10) for p in row) for row in ([0.6, 0.3, 0.1], [0.2, 0.2, 0.6])]
+    assert conf.tolist() == pytest.approx(ent, abs=1e-6)
+    # top-k 1 makes the argmax certain: the filter changes the confidence even at T = 0
+    conf, tok = dream.dream_sample_tokens(logits, 0.0, None, 1, None)
+    assert tok.tolist() == [0, 2] and conf.tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="measure='bogus'"):
+        dream.dream_sample_tokens(logits, 0.0, None, None, None, measure="bogus")
+
+
+def test_dream_sample_tokens_samples_with_the_generator_and_falls_back_on_nan():
+    logits = torch.tensor([0.2, 0.8]).log().expand(3000, 2)
+    conf, tok = dream.dream_sample_tokens(logits, 1.0, None, None, torch.Generator().manual_seed(0))
+    assert tok.float().mean().item() == pytest.approx(0.8, abs=0.03)
+    assert torch.allclose(conf, torch.where(tok == 1, 0.8, 0.2))
+    nan = torch.tensor([[float("nan"), 0.0], [0.0, 1.0]])
+    rng = torch.Generator().manual_seed(0)
+    state = rng.get_state()
+    _, tok = dream.dream_sample_tokens(nan, 1.0, None, None, rng)  # the reference's argmax fallback
+    assert tok.shape == (2,) and torch.equal(rng.get_state(), state)
+
+
+def test_dream_schedule_first_step_commits_zero_with_steps_equal_to_masks():
+    ts = dream.dream_timesteps(256, 1e-3)
+    left, counts = 256, []
+    for i in range(256):
+        is_masked = (torch.arange(256) < left)[None]
+        counts.append(dream.dream_transfer_count(is_masked, ts[i], ts[i + 1], i == 255))
+        left -= counts[-1]
+    assert counts[0] == 0 and counts[-1] == 2 and set(counts[1:-1]) == {1} and left == 0
+    # the batch-mean count: every row commits the same number
+    two = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    assert dream.dream_transfer_count(two, torch.tensor(1.0), torch.tensor(0.5), False) == 1  # int(3 * .5)
+    assert dream.dream_transfer_count(two, torch.tensor(1.0), torch.tensor(0.5), True) == 3
+    with pytest.raises(ValueError, match="steps"):
+        dream.dream_timesteps(0, 1e-3)
+
+
+def test_dream_origin_fire_probability_and_last_step():
+    fire = dream.dream_origin_fire(4000, torch.tensor(1.0), torch.tensor(0.75), False, torch.Generator().manual_seed(0))
+    assert fire.dtype == torch.bool and fire.float().mean().item() == pytest.approx(0.25, abs=0.03)
+    assert dream.dream_origin_fire(50, torch.tensor(1.0), torch.tensor(1.0), True, torch.Generator()).all()
+
+
+def test_commit_sampled_draws_k_eligible_positions():
+    score = torch.tensor([[0.0, 5.0, -INF, 1.0], [2.0, -INF, -INF, 0.0]])
+    out = dream.commit_sampled(score, 2, 0.5, torch.Generator().manual_seed(0))
+    assert out.sum(-1).tolist() == [2, 2] and not out[:, 2].any() and not out[1, 1]
+    cold = dream.commit_sampled(score, 1, 1e-3, torch.Generator().manual_seed(1))  # ~ top-1
+    assert cold.tolist() == [[False, True, False, False], [True, False, False, False]]
+    assert not dream.commit_sampled(score, 0, 1.0, torch.Generator()).any()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from asynclane.sampler import build_sampler, first_eos_cut
 from asynclane.testing import LogitsHook, random_prompts, run_counted
 from baselines.fast_dllm import FastDllmConfig
+from baselines import fast_dllm  # noqa: E402  (its own rules, tested below)
 
 CACHES = ["none", "prefix", "dual"]
 
@@ -459,3 +460,44 @@ def test_config_validation(opts, match):
         FastDllmConfig(**opts)
     with pytest.raises(ValueError, match=match):
         build_sampler("fast_dllm", **opts)
+
+
+# --- the rules only this sampler uses
+
+INF = float("inf")
+
+
+def test_commit_factor_longest_passing_prefix():
+    # factor 1: rank n >= 2 needs c >= 1 - 1/(n+1): 0.667, 0.75, 0.8, ...
+    score = torch.tensor([[0.5, 0.74, 0.7, 0.9, -INF]])
+    # ranks: 0.9 keep, 0.74 >= .667 keep, 0.7 < .75 stop (0.5 is not looked at)
+    assert fast_dllm.commit_factor(score, 1.0).tolist() == [[False, True, False, True, False]]
+    # a low best is still committed; nothing eligible commits nothing
+    assert fast_dllm.commit_factor(torch.tensor([[0.1, 0.05]]), 1.0).tolist() == [[True, False]]
+    assert not fast_dllm.commit_factor(torch.full((1, 3), -INF), 1.0).any()
+
+
+def test_commit_factor_equality_passes():
+    # factor 1.5, rank 2: 1 - 1.5/3 = 0.5 exactly; (n+1)(1-c) = 1.5 <= factor
+    assert fast_dllm.commit_factor(torch.tensor([[0.9, 0.5]]), 1.5).tolist() == [[True, True]]
+    assert fast_dllm.commit_factor(torch.tensor([[0.9, 0.49]]), 1.5).tolist() == [[True, False]]
+
+
+def test_commit_factor_last_rank_quirk():
+    score = torch.tensor([[0.99, 0.9, 0.7, -INF]])  # rank 3 fails (0.7 < 0.75) and is the last eligible
+    assert fast_dllm.commit_factor(score, 1.0).tolist() == [[True, True, False, False]]
+    assert fast_dllm.commit_factor(score, 1.0, last_rank_quirk=True).tolist() == [[True, True, True, False]]
+    # failing before the last rank: the quirk changes nothing; single eligible: committed
+    early = torch.tensor([[0.99, 0.6, 0.55, -INF]])
+    assert fast_dllm.commit_factor(early, 1.0, last_rank_quirk=True).tolist() == [[True, False, False, False]]
+    assert fast_dllm.commit_factor(torch.tensor([[-INF, 0.2]]), 1.0, last_rank_quirk=True).tolist() == [[False, True]]
+
+
+def test_finished_at_eos_needs_everything_before_decoded():
+    M, E, T = 9, 7, 8  # mask, eos-like ids 7 and 8
+    tokens = torch.tensor([[1, 2, E, M, M],   # decoded up to the EOS: final
+                           [1, M, T, 3, M],   # a mask before the EoT: not yet
+                           [1, 2, 3, 4, M],   # no EOS
+                           [E, M, M, M, M],   # EOS first: final
+                           [1, T, M, E, 2]])  # the first EOS-like id counts
+    assert fast_dllm.finished_at_eos(tokens, M, (E, T)).tolist() == [True, False, False, True, True]
