@@ -19,7 +19,7 @@ from typing import Any, Callable, ClassVar, Optional, Protocol, Sequence, runtim
 
 import torch
 
-__all__ = ["SamplerConfig", "Generation", "Sampler", "register", "REGISTRY", "build_sampler", "finish",
+__all__ = ["SamplerConfig", "Generation", "Sampler", "BaseSampler", "register", "REGISTRY", "build_sampler", "finish",
            "left_pad", "init_buffer", "first_eos_cut", "check_block_length"]
 
 
@@ -64,6 +64,17 @@ class Generation:
     def tokens(self) -> torch.Tensor:
         """(B, gen_length): the generated region, prompt excluded."""
         return self.sequences[:, self.prompt_length:]
+
+
+class BaseSampler:
+    """What every sampler class holds: its ``Config`` type, whether it batches, and the config it was
+    built with (subclasses add ``generate``, see :class:`Sampler`)."""
+
+    Config: ClassVar[type]
+    can_batch: ClassVar[bool] = True
+
+    def __init__(self, cfg):
+        self.cfg = cfg
 
 
 def finish(x: torch.Tensor, P: int, spec, **extra) -> Generation:

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from asynclane import rules
-from asynclane.sampler import Generation, SamplerConfig, check_block_length, finish, init_buffer, padding_mask, register
+from asynclane.sampler import BaseSampler, Generation, SamplerConfig, check_block_length, finish, init_buffer, padding_mask, register
 
 
 # --------------------------------------------------------------------------- rules only blockwise uses
@@ -80,14 +80,10 @@ class BlockwiseConfig(SamplerConfig):
 
 
 @register("blockwise")
-class BlockwiseSampler:
+class BlockwiseSampler(BaseSampler):
     """LLaDA ``generate``: one full forward per step, quota-many commits per step."""
 
     Config = BlockwiseConfig
-    can_batch = True
-
-    def __init__(self, cfg: BlockwiseConfig):
-        self.cfg = cfg
 
     @torch.no_grad()
     def generate(self, backbone, prompts: Sequence[Sequence[int]], rng: torch.Generator) -> Generation:

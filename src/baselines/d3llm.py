@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from asynclane import rules
-from asynclane.sampler import Generation, SamplerConfig, check_block_length, finish, init_buffer, padding_mask, register
+from asynclane.sampler import BaseSampler, Generation, SamplerConfig, check_block_length, finish, init_buffer, padding_mask, register
 
 
 # --------------------------------------------------------------------------- rules only d3llm uses
@@ -97,14 +97,10 @@ class D3llmConfig(SamplerConfig):
 
 
 @register("d3llm")
-class D3llmSampler:
+class D3llmSampler(BaseSampler):
     """d3LLM ``generate_multi_block`` / ``generate_multi_block_kv_cache`` on any LLaDA/Dream backbone."""
 
     Config = D3llmConfig
-    can_batch = True
-
-    def __init__(self, cfg: D3llmConfig):
-        self.cfg = cfg
 
     @torch.no_grad()
     def generate(self, backbone, prompts: Sequence[Sequence[int]], rng: torch.Generator) -> Generation:

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from asynclane import rules
-from asynclane.sampler import Generation, SamplerConfig, check_block_length, finish, init_buffer, padding_mask, register
+from asynclane.sampler import BaseSampler, Generation, SamplerConfig, check_block_length, finish, init_buffer, padding_mask, register
 
 
 @dataclass
@@ -36,14 +36,10 @@ class DParallelConfig(SamplerConfig):
 
 
 @register("dparallel")
-class DParallelSampler:
+class DParallelSampler(BaseSampler):
     """dParallel ``generate`` with ``threshold``: entropy-threshold commits, block by block, no cache."""
 
     Config = DParallelConfig
-    can_batch = True
-
-    def __init__(self, cfg: DParallelConfig):
-        self.cfg = cfg
 
     @torch.no_grad()
     def generate(self, backbone, prompts: Sequence[Sequence[int]], rng: torch.Generator) -> Generation:

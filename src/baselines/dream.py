@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from asynclane import rules
-from asynclane.sampler import Generation, SamplerConfig, finish, init_buffer, padding_mask, register
+from asynclane.sampler import BaseSampler, Generation, SamplerConfig, finish, init_buffer, padding_mask, register
 
 
 # --------------------------------------------------------------------------- rules only dream uses
@@ -177,14 +177,11 @@ class DreamConfig(SamplerConfig):
 
 
 @register("dream")
-class DreamSampler:
+class DreamSampler(BaseSampler):
     """Dream ``diffusion_generate``: one full forward per step, timestep quota, one block."""
 
     Config = DreamConfig
     can_batch = True  # alg=origin excepted: its uniforms are drawn over the whole batch (see Deviations)
-
-    def __init__(self, cfg: DreamConfig):
-        self.cfg = cfg
 
     @torch.no_grad()
     def generate(self, backbone, prompts: Sequence[Sequence[int]], rng: torch.Generator) -> Generation:

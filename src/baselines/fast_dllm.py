@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from asynclane import rules
-from asynclane.sampler import Generation, SamplerConfig, check_block_length, finish, init_buffer, padding_mask, register
+from asynclane.sampler import BaseSampler, Generation, SamplerConfig, check_block_length, finish, init_buffer, padding_mask, register
 
 
 # --------------------------------------------------------------------------- rules only fast_dllm uses
@@ -106,14 +106,10 @@ class FastDllmConfig(SamplerConfig):
 
 
 @register("fast_dllm")
-class FastDllmSampler:
+class FastDllmSampler(BaseSampler):
     """Fast-dLLM ``generate`` / ``generate_with_prefix_cache`` / ``generate_with_dual_cache``."""
 
     Config = FastDllmConfig
-    can_batch = True
-
-    def __init__(self, cfg: FastDllmConfig):
-        self.cfg = cfg
 
     @torch.no_grad()
     def generate(self, backbone, prompts: Sequence[Sequence[int]], rng: torch.Generator) -> Generation:

@@ -29,7 +29,7 @@ import torch
 from asynclane import rules
 from asynclane.lane import one_row, speculative
 from asynclane.lane.forks import delimiter_set
-from asynclane.sampler import Generation, SamplerConfig, check_block_length, register
+from asynclane.sampler import BaseSampler, Generation, SamplerConfig, check_block_length, register
 
 __all__ = ["AsyncLaneConfig", "AsyncLaneSampler"]
 
@@ -86,14 +86,14 @@ class AsyncLaneConfig(SamplerConfig):
 
 
 @register("asynclane")
-class AsyncLaneSampler:
+class AsyncLaneSampler(BaseSampler):
     """Lane-tree decoding (batch 1); ``max_lanes=1`` and mechanisms 2-4 off is fast_dllm."""
 
     Config = AsyncLaneConfig
     can_batch = False
 
     def __init__(self, cfg: AsyncLaneConfig):
-        self.cfg = cfg
+        super().__init__(cfg)
         self._delimiters = {}  # id(tokenizer) -> delimiter ids
 
     @torch.no_grad()
