@@ -384,7 +384,7 @@ class KVCache:
         sel = slice(None) if rows is None else list(rows)
         self._filled[sel, lo:hi] = False
         self._tokens[sel, lo:hi] = -1
-        self._host[lo:hi] = bytes(len(range(*slice(lo, hi).indices(self.length))))
+        self._host[lo:hi] = bytes(len(self._host[lo:hi]))
         if rows is not None:
             self._ragged = True
 
@@ -393,12 +393,24 @@ class KVCache:
         ar = torch.arange(self.length, device=self._filled.device)
         return ((ar >= lo) & (ar < hi))[None]
 
-    def full(self, lo: int = 0, hi: int = 0) -> bool:
-        """Host answer, no sync: is every slot filled in every row, counting [lo, hi) as filled?"""
+    def full(self, cols: "Cols" = (0, 0)) -> bool:
+        """Host answer, no sync: is every slot filled in every row, counting ``cols`` (``(lo, hi)`` or a
+        list of slots) as filled?"""
         if self._ragged:
             return False
         h = self._host
-        return h.count(0, 0, lo) == 0 and h.count(0, max(lo, hi)) == 0
+        if isinstance(cols, tuple):
+            lo, hi = cols
+            return h.count(0, 0, lo) == 0 and h.count(0, max(lo, hi)) == 0
+        return set(i for i, b in enumerate(h) if not b) <= set(cols)
+
+    def mark_filled(self, cols: "Cols") -> None:
+        """Host mirror of a write of ``cols`` (``(lo, hi)`` or a list) in every row."""
+        if isinstance(cols, tuple):
+            self._host[cols[0]:cols[1]] = b"\x01" * (cols[1] - cols[0])
+        else:
+            for c in cols:
+                self._host[c] = 1
 
 
 Cols = Union[tuple, Sequence[int]]
@@ -561,13 +573,12 @@ class Backbone:
             idx = torch.arange(lo, hi, device=dev)
             ids, pos = x[:, lo:hi], cache.positions[:B, lo:hi]
         else:
-            lo, hi = cols[0], cols[-1] + 1
             idx = torch.tensor(cols, device=dev)
             ids, pos = x.index_select(1, idx), cache.positions[:B].index_select(1, idx)
         lane = cache.lanes > 1
         read_only = not write
         # the mask: none when every slot is filled (host-known); else the filled slots, own included
-        if cache.full(lo, hi) if isinstance(cols, tuple) else cache.full() or self._fills(cache, cols):
+        if cache.full(cols):
             mask = None
         else:
             filled = cache._filled[:B, :-1]
@@ -584,13 +595,9 @@ class Backbone:
             valid = (torch.ones_like(src_ids, dtype=torch.bool) if cache.valid is None
                      else cache.valid.index_select(1, idx))
             cache._filled.index_copy_(1, idx, valid)
-            if isinstance(cols, tuple):
-                cache._host[lo:hi] = b"\x01" * (hi - lo)
-            else:
-                for c in cols:
-                    cache._host[c] = 1
+            cache.mark_filled(cols)
         if self.cfg.shifted_logits:
-            hidden = self._shift_step(hidden, cols, pos, cache)
+            hidden = self._shift_step(hidden, cols, idx, pos, cache)
         rows = self._rows(cols, predict, dev)
         if isinstance(rows, slice):
             hidden = hidden[:, rows]
@@ -632,19 +639,11 @@ class Backbone:
             rows = [at[p] for p in (range(*predict) if isinstance(predict, tuple) else predict)]
         return torch.tensor(rows, device=dev)
 
-    @staticmethod
-    def _fills(cache: KVCache, cols) -> bool:
-        """Host: with the listed columns counted as filled, is every slot filled?"""
-        if cache._ragged:
-            return False
-        missing = [i for i, b in enumerate(cache._host) if not b]
-        return set(missing) <= set(cols)
-
-    def _shift_step(self, hidden, cols, pos, cache):
+    def _shift_step(self, hidden, cols, idx, pos, cache):
         """Dream's shift for a step: contiguous columns shift by one row; lists use the general rule."""
         if not isinstance(cols, tuple):
             return self._shift(hidden, pos, None if cache.valid is None else
-                               cache.valid[: hidden.shape[0]].index_select(1, torch.tensor(cols, device=pos.device)))
+                               cache.valid[: hidden.shape[0]].index_select(1, idx))
         lo = cols[0]
         out = torch.cat((hidden[:, :1], hidden[:, :-1]), dim=1)
         if lo > 0:
