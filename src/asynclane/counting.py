@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class CountingBackbone:
@@ -44,7 +45,7 @@ SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::item", "aten::m
 ``Tensor.tolist()`` (on a CPU it dispatches no op, so :class:`OpCounter` counts the method itself)."""
 
 
-class OpCounter:
+class OpCounter(TorchDispatchMode):
     """A dispatch mode that counts every aten op run under it (``with OpCounter() as c: ...``).
 
     ``ops``: op name -> calls; ``syncs``: calls of :data:`SYNC_OPS` (host-device round trips on an
@@ -55,41 +56,34 @@ class OpCounter:
                 "squeeze", "split", "chunk", "split_with_sizes", "alias", "detach", "permute", "as_strided",
                 "unbind", "narrow", "reshape", "view_as", "lift_fresh", "_reshape_alias"}
 
-    def __new__(cls, *args, **kwargs):
-        from torch.utils._python_dispatch import TorchDispatchMode
+    def __init__(self):
+        super().__init__()
+        self.ops = {}
 
-        class _Mode(TorchDispatchMode):
-            def __init__(self):
-                super().__init__()
-                self.ops = {}
+    def __enter__(self):
+        self._tolist = orig = torch.Tensor.tolist
+        ops = self.ops
 
-            def __enter__(self):
-                self._tolist = torch.Tensor.tolist
-                ops, orig = self.ops, self._tolist
+        def tolist(t, *args, **kwargs):
+            ops["Tensor.tolist"] = ops.get("Tensor.tolist", 0) + 1
+            return orig(t, *args, **kwargs)
 
-                def tolist(t, *args, **kwargs):
-                    ops["Tensor.tolist"] = ops.get("Tensor.tolist", 0) + 1
-                    return orig(t, *args, **kwargs)
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
 
-                torch.Tensor.tolist = tolist
-                return super().__enter__()
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
 
-            def __exit__(self, *exc):
-                torch.Tensor.tolist = self._tolist
-                return super().__exit__(*exc)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
 
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                name = func._schema.name
-                self.ops[name] = self.ops.get(name, 0) + 1
-                return func(*args, **(kwargs or {}))
+    @property
+    def syncs(self) -> int:
+        return sum(n for op, n in self.ops.items() if op in SYNC_OPS)
 
-            @property
-            def syncs(self) -> int:
-                return sum(n for op, n in self.ops.items() if op in SYNC_OPS)
-
-            @property
-            def kernels(self) -> int:
-                return sum(n for op, n in self.ops.items()
-                           if "::" in op and op.split("::")[-1] not in OpCounter.VIEW_OPS)
-
-        return _Mode()
+    @property
+    def kernels(self) -> int:
+        return sum(n for op, n in self.ops.items() if "::" in op and op.split("::")[-1] not in self.VIEW_OPS)
