@@ -19,8 +19,8 @@ from typing import Any, Callable, ClassVar, Optional, Protocol, Sequence, runtim
 
 import torch
 
-__all__ = ["SamplerConfig", "Generation", "Sampler", "BaseSampler", "register", "REGISTRY", "build_sampler", "finish",
-           "left_pad", "init_buffer", "first_eos_cut", "check_block_length"]
+__all__ = ["SamplerConfig", "Generation", "Sampler", "BaseSampler", "register", "REGISTRY", "build_sampler",
+           "finish", "read_host", "left_pad", "init_buffer", "padding_mask", "first_eos_cut", "check_block_length"]
 
 
 @dataclass
@@ -75,6 +75,19 @@ class BaseSampler:
 
     def __init__(self, cfg):
         self.cfg = cfg
+
+
+def read_host(*parts: torch.Tensor) -> list:
+    """A sampler's one device->host transfer per iteration: every part flattened into one float64
+    tensor, read with one ``tolist`` and split again, one list per part; integer and bool parts come
+    back as ints (exact in float64)."""
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in parts]).tolist()
+    out, i = [], 0
+    for t in parts:
+        seg = flat[i:i + t.numel()]
+        out.append(seg if t.is_floating_point() else [int(v) for v in seg])
+        i += t.numel()
+    return out
 
 
 def finish(x: torch.Tensor, P: int, spec, **extra) -> Generation:

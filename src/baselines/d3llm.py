@@ -19,7 +19,8 @@ from typing import Optional, Sequence, Union
 import torch
 
 from asynclane import rules
-from asynclane.sampler import BaseSampler, Generation, SamplerConfig, check_block_length, finish, init_buffer, padding_mask, register
+from asynclane.sampler import (BaseSampler, Generation, SamplerConfig, check_block_length, finish,
+                              init_buffer, padding_mask, read_host, register)
 
 
 # --------------------------------------------------------------------------- rules only d3llm uses
@@ -134,12 +135,12 @@ class D3llmSampler(BaseSampler):
             full = (blocks < added[:, None]) & (prev >= cfg.decoded_token_threshold)  # 2b
             first = torch.where(live, self._settled_end(done_at, step, P) - lead, T)  # cached steps start here
             # the iteration's one host transfer: anything left, the widest row, each row's boundary
-            host = torch.cat((live.any().view(1), stalled.view(1), (added * live).max().view(1), first)).tolist()
-            if host[1]:  # e.g. NaN logits: fail instead of looping forever
+            (left_any,), (stuck,), (widest,), firsts = read_host(live.any(), stalled, (added * live).max(), first)
+            if stuck:  # e.g. NaN logits: fail instead of looping forever
                 raise RuntimeError("d3llm: a step committed nothing in an unfinished row (non-finite logits?)")
-            if not host[0]:
+            if not left_any:
                 break
-            width = host[2] * Lb  # answer columns [P, P + width) hold every candidate
+            width = widest * Lb  # answer columns [P, P + width) hold every candidate
             every = cfg.refresh_every
             if cache is None or rules.refresh_due(step, every):  # full / refresh
                 lo = P
@@ -152,7 +153,7 @@ class D3llmSampler(BaseSampler):
                     logits = backbone.forward(x, positions=positions, key_mask=key_mask, cache=cache, write=True,
                                               predict=want.expand(B, -1))
             else:  # from each row's settled boundary (minus Dream's lead) to the end; the rest from the cache
-                start = max(0, min(host[3:]))
+                start = max(0, min(firsts))
                 lo = max(P, start)
                 if seam:
                     logits = backbone.step(x, cache, (start, T), predict=col[lo:P + width])

@@ -13,8 +13,9 @@ import torch
 
 from asynclane import rules
 from asynclane.lane import dream_compensation
+from asynclane.sampler import read_host
 
-__all__ = ["CallResult", "call_row", "call_rows", "token_probs", "read_back", "fetch"]
+__all__ = ["CallResult", "call_row", "call_rows", "token_probs", "read_back"]
 
 
 @dataclass
@@ -94,18 +95,6 @@ def read_back(proposal: torch.Tensor, conf: torch.Tensor, prob: torch.Tensor, pr
               refresh: Optional[str]) -> CallResult:
     """The iteration's one fetch: ``proposal`` and ``conf`` (rows, len(predicted)) and ``prob`` (n,)."""
     rows, n = proposal.shape[0], len(predicted)
-    proposal, conf, prob = fetch(proposal, conf, prob)
+    proposal, conf, prob = read_host(proposal, conf, prob)
     return CallResult(predicted, [proposal[i * n:(i + 1) * n] for i in range(rows)],
                       [conf[i * n:(i + 1) * n] for i in range(rows)], prob, columns, refresh)
-
-
-def fetch(*parts: torch.Tensor) -> list:
-    """One device->host transfer: every part flattened into one float64 tensor, read with one
-    ``tolist`` and split again; integer parts come back as ints (exact in float64)."""
-    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in parts]).tolist()
-    out, i = [], 0
-    for t in parts:
-        seg = flat[i:i + t.numel()]
-        out.append(seg if t.is_floating_point() else [int(v) for v in seg])
-        i += t.numel()
-    return out
