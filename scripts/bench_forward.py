@@ -169,26 +169,25 @@ def calls(bb: Backbone, prompt: int, gen: int, block: int, lanes_list, old=None)
         rows[1:, prompt:] = torch.randint(2, V, (k - 1, gen), generator=g).to(dev)
         out[f"lanes={k}"] = ((lambda r=rows, c=lc: bb.step(r, c, (prompt, S), predict=(prompt, prompt + block))),
                              k * gen, k)
-    result = {name: (fn, None, q, r) for name, (fn, q, r) in out.items()}
+    ofns = {}
     if old is not None:
         oc = old.new_cache(1, S)
         old.forward(x, cache=oc, write=True)
         ar = torch.arange(S, device=dev)[None]
-        ofns = {
+        ofns.update({
             "full": lambda: old.forward(x),
             "prefix": lambda: old.forward(x[:, lo:], positions=ar[:, lo:], cache=oc,
                                           predict=torch.arange(block, device=dev)[None]),
             "dual": lambda: old.forward(x[:, lo:lo + block], positions=ar[:, lo:lo + block], cache=oc, write=True),
             "subset": lambda: old.forward(x[:, subset], positions=ar[:, subset], cache=oc),
-        }
+        })
         for k in lanes_list:
             rows = x.expand(k, -1).clone()
             pos = ar[:, prompt:].expand(k, -1)
             ofns[f"lanes={k}"] = (lambda r=rows, p=pos, kk=k: old.forward(
                 r[:, prompt:], positions=p, cache=oc, write=kk == 1, write_row=None if kk == 1 else 0,
                 predict=torch.arange(block, device=dev)[None].expand(kk, -1)))
-        result = {name: (fn, ofns.get(name), q, r) for name, (fn, _, q, r) in result.items()}
-    return result
+    return {name: (fn, ofns.get(name), q, r) for name, (fn, q, r) in out.items()}
 
 
 def run(shapes, device, dtype, prompts, gens, block, lanes_list, warmup, iters, compile_too, baseline):
