@@ -19,7 +19,7 @@ from typing import Any, Callable, ClassVar, Optional, Protocol, Sequence, runtim
 
 import torch
 
-__all__ = ["SamplerConfig", "Generation", "Sampler", "BaseSampler", "register", "REGISTRY", "build_sampler",
+__all__ = ["delimiter_set", "SamplerConfig", "Generation", "Sampler", "BaseSampler", "register", "REGISTRY", "build_sampler",
            "finish", "read_host", "left_pad", "init_buffer", "padding_mask", "first_eos_cut", "check_block_length"]
 
 
@@ -203,6 +203,19 @@ def padding_mask(key_mask: torch.Tensor, prompts: Sequence[Sequence[int]]) -> Op
     """``key_mask`` when the prompts differ in length (some rows are padded), else None: known on the
     host from the prompt lengths, so an unpadded call passes no mask to the attention kernel."""
     return key_mask if len({len(p) for p in prompts}) > 1 else None
+
+
+def delimiter_set(backbone, explicit: Optional[Sequence[int]]) -> frozenset:
+    """Delimiter ids: ``explicit`` when given, else every id whose decoded text has a newline (built
+    from the backbone's tokenizer, never hard-coded; empty without a tokenizer)."""
+    if explicit is not None:
+        return frozenset(int(t) for t in explicit)
+    tok = getattr(backbone, "tokenizer", None)
+    if tok is None:
+        return frozenset()
+    special = set(backbone.spec.eos_ids) | {backbone.spec.mask_id, backbone.spec.pad_id}
+    return frozenset(i for i in range(backbone.spec.vocab_size)
+                     if i not in special and "\n" in tok.decode([i]))
 
 
 def first_eos_cut(tokens: torch.Tensor, eos_ids: Sequence[int]) -> list[list[int]]:

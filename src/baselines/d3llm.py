@@ -113,7 +113,8 @@ class D3llmSampler(BaseSampler):
         cache = None if cfg.cache == "none" else backbone.new_cache(B, T)
         seam = B == 1  # one row: the static decode step (slot == column); rows with their own
         # boundaries: the general call, whose key mask hides each row's cached columns
-        lead = 1 if spec.family == "dream" else 0  # Dream's row for p needs p-1 in the same call
+        # the general call predicts by index, so a Dream row for p needs p - 1 inside its own slice
+        lead = 1 if spec.family == "dream" and not seam else 0
         col = torch.arange(T, device=dev)
         block_of = torch.arange(G, device=dev) // Lb  # (G,) block index of each answer position
         blocks = torch.arange(nb, device=dev)
@@ -152,11 +153,11 @@ class D3llmSampler(BaseSampler):
                 else:
                     logits = backbone.forward(x, positions=positions, key_mask=key_mask, cache=cache, write=True,
                                               predict=want.expand(B, -1))
-            else:  # from each row's settled boundary (minus Dream's lead) to the end; the rest from the cache
+            else:  # from each row's settled boundary to the end; the rest from the cache
                 start = max(0, min(firsts))
                 lo = max(P, start)
                 if seam:
-                    logits = backbone.step(x, cache, (start, T), predict=col[lo:P + width])
+                    logits = backbone.step(x, cache, (start, T), predict=(lo, P + width))
                 else:
                     own = key_mask[:, start:] & (col[start:] >= first[:, None])  # a row's cached columns are hidden
                     logits = backbone.forward(x[:, start:], positions=positions[:, start:], key_mask=own,

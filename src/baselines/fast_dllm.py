@@ -70,6 +70,45 @@ def finished_at_eos(tokens: torch.Tensor, mask_id: int, eos_ids) -> torch.Tensor
     return has & ~((tokens == mask_id) & before).any(-1)
 
 
+def block_logits(backbone, x: torch.Tensor, cache, mode: str, block: tuple, refresh: bool, predict, *,
+                 positions=None, pad=None) -> torch.Tensor:
+    """Logits (B, P, V) of one Fast-dLLM step on the block ``[lo, hi)`` at ``predict``.
+
+    ``predict``: ``(a, b)`` or a (P,) tensor of columns.  Without a cache (``cache`` None) a full
+    forward.  With one: ``refresh``, every slot rewritten (the block's first step); ``prefix``, the
+    block and the suffix, ``[0, lo)`` read from the cache; ``dual``, the block only, its fresh K/V
+    replacing its slots in place before it attends to every slot.
+    """
+    lo, hi = block
+    S = x.shape[1]
+    if cache is None:
+        cols = torch.arange(*predict, device=x.device) if isinstance(predict, tuple) else predict
+        return backbone.forward(x, positions=positions, key_mask=pad, predict=cols.expand(x.shape[0], -1))
+    span = (0, S) if refresh else (lo, S) if mode == "prefix" else (lo, hi)
+    return backbone.step(x, cache, span, predict=predict)
+
+
+def block_commit(cfg, logits: torch.Tensor, proposal: torch.Tensor, masked: torch.Tensor, first_only: bool) -> torch.Tensor:
+    """(B, n) commit mask of one step over ``n`` block positions: the first masked one (``first_only``,
+    the Dream refresh), else the factor rule when ``cfg.factor`` is set, else the threshold rule
+    (every masked position with confidence >= ``cfg.threshold``, at least the best)."""
+    if first_only:
+        return first_position_only(masked)
+    score = rules.restrict_confidence(rules.confidence_prob(logits, proposal, torch.float64), masked)
+    if cfg.factor is not None:
+        return commit_factor(score, cfg.factor, cfg.factor_last_rank_quirk)
+    return rules.commit_threshold(score, cfg.threshold)
+
+
+def close_finished(x: torch.Tensor, P: int, spec) -> torch.Tensor:
+    """Early exit: rows final at their first EOS (:func:`finished_at_eos`) get their remaining masks
+    filled with EOS; ``x`` (B, S) with the answer from column ``P``."""
+    gen = x[:, P:]
+    done = finished_at_eos(gen, spec.mask_id, spec.eos_ids)
+    x[:, P:] = torch.where(done[:, None] & (gen == spec.mask_id), spec.eos_id, gen)
+    return x
+
+
 CACHES = ("none", "prefix", "dual")
 
 
@@ -128,37 +167,14 @@ class FastDllmSampler(BaseSampler):
             want = torch.arange(lo, hi, device=x.device) if first_only else (lo, hi)
             step = 0
             while bool((masked := x[:, lo:hi] == spec.mask_id).any()):
-                every = cfg.refresh_every
-                if cache is None:
-                    logits = backbone.forward(x, positions=positions, key_mask=pad,
-                                              predict=torch.arange(lo, hi, device=x.device).expand(B, -1))
-                elif rules.refresh_due(step, every):  # refresh: every slot rewritten
-                    logits = backbone.step(x, cache, (0, x.shape[1]), predict=want)
-                elif cfg.cache == "prefix":  # the block and the suffix; [0, lo) read from the cache
-                    logits = backbone.step(x, cache, (lo, x.shape[1]), predict=want)
-                else:  # dual: the block's fresh K/V replace its slots in place, then it attends to all
-                    logits = backbone.step(x, cache, (lo, hi), predict=want)
+                logits = block_logits(backbone, x, cache, cfg.cache, (lo, hi), rules.refresh_due(step, cfg.refresh_every),
+                                      want, positions=positions, pad=pad)
                 # never propose the mask (Deviations); the confidence keeps the reference's softmax
                 proposal = rules.propose(logits, spec.mask_id, cfg.temperature, rng)
-                if step == 0 and first_only:  # Dream path: the block's first token, unconditionally
-                    commit = first_position_only(masked)
-                else:
-                    score = rules.restrict_confidence(rules.confidence_prob(logits, proposal, torch.float64), masked)
-                    if cfg.factor is not None:
-                        commit = commit_factor(score, cfg.factor, cfg.factor_last_rank_quirk)
-                    else:
-                        commit = rules.commit_threshold(score, cfg.threshold)
+                commit = block_commit(cfg, logits, proposal, masked, step == 0 and first_only)
                 x[:, lo:hi] = torch.where(commit, proposal, x[:, lo:hi])
                 if cfg.early_exit:
-                    x = self._close_finished(x, P, spec)
+                    x = close_finished(x, P, spec)
                 step += 1
 
         return finish(x, P, spec)
-
-    @staticmethod
-    def _close_finished(x: torch.Tensor, P: int, spec) -> torch.Tensor:
-        """Early exit: rows final at their first EOS get their remaining masks filled with EOS."""
-        gen = x[:, P:]
-        done = finished_at_eos(gen, spec.mask_id, spec.eos_ids)
-        x[:, P:] = torch.where(done[:, None] & (gen == spec.mask_id), spec.eos_id, gen)
-        return x

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from asynclane.lane.forks import delimiter_set
+from asynclane.sampler import delimiter_set
 from asynclane.lane.plan import cached_row_columns
 from asynclane.lane.tree import DONE, GEN, KILLED, REF
 from asynclane.sampler import build_sampler, first_eos_cut

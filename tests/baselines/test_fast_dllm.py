@@ -5,12 +5,11 @@ is the identity): NVlabs/Fast-dLLM ``llada/generate.py`` (``generate``,
 ``generate_with_prefix_cache``, ``generate_with_dual_cache``, ``get_transfer_index``,
 ``get_transfer_index_dynamic``) and the ``confidence_threshold`` branch of
 ``dream/model/generation_utils_block.py``.  Their model calls (``use_cache``, the per-layer
-prefix slice of ``past_key_values``, ``replace_position``) go through :class:`_RefModel`, an
+prefix slice of ``past_key_values``, ``replace_position``) go through :class:`~asynclane.testing.reference.ReferenceModel`, an
 adapter onto the native backbone's cache primitives, which tests/asynclane/test_cache.py checks
 against the transformers oracle; so these tests check the sampling loop (blocks, refresh-logit
 reuse, which call sees which cache, commit rule, NFE), not the attention numerics.
 """
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 
 from asynclane.sampler import build_sampler, first_eos_cut
 from asynclane.testing import LogitsHook, random_prompts, run_counted
+from asynclane.testing.reference import ReferenceModel
 from baselines.fast_dllm import FastDllmConfig
 from baselines import fast_dllm  # noqa: E402  (its own rules, tested below)
 
@@ -27,47 +27,6 @@ CACHES = ["none", "prefix", "dual"]
 
 def _run(bb, prompts, seed=0, **opts):
     return run_counted("fast_dllm", bb, prompts, seed, **opts)
-
-
-# --- the reference's model API on the native backbone ------------------------------------------
-
-class _Past:
-    """``past_key_values``: the cache plus how many leading slots the reference kept."""
-
-    def __init__(self, cache, keep):
-        self.cache, self.keep = cache, keep
-
-    def sliced(self, end):  # the reference's `past_key_values[i][j][:, :, :end]` for every layer
-        return _Past(self.cache, end)
-
-
-class _RefModel:
-    """``model(x, use_cache=..., past_key_values=..., replace_position=...)`` -> .logits (raw), .past_key_values.
-
-    Raw logits of the plain model: Dream's are *not* shifted here (the Dream transcription shifts
-    them itself), and the mask column is left alone (the random models never make the mask the
-    argmax, so the sampler's never-propose-the-mask deviation is a no-op in these runs).
-    """
-
-    def __init__(self, bb):
-        self.bb, self.nfe = bb, 0
-
-    def __call__(self, x, past_key_values=None, use_cache=False, replace_position=None):
-        self.nfe += 1
-        bb, (B, T) = self.bb, x.shape
-        if past_key_values is None:  # full forward (writing every position when use_cache)
-            cache = bb.new_cache(B, T) if use_cache else None
-            hidden = bb.model(x, torch.arange(T).expand(B, T), None, cache, write=use_cache)
-            past = _Past(cache, T) if use_cache else None
-        elif replace_position is None:  # prefix cache: the query is the tail after the kept slots
-            past = past_key_values
-            pos = torch.arange(past.keep, past.keep + T).expand(B, T)
-            hidden = bb.model(x, pos, None, past.cache, write=False, slot_mask=past.cache.window(0, past.keep))
-        else:  # dual cache: fresh block K/V replace their slots in place, then attend to all
-            past = past_key_values
-            pos = replace_position.nonzero()[:, 1].view(B, T)
-            hidden = bb.model(x, pos, None, past.cache, write=True)
-        return SimpleNamespace(logits=bb.model.head(hidden), past_key_values=past)
 
 
 # --- transcription of llada/generate.py (T = 0) -------------------------------------------------
@@ -236,7 +195,7 @@ def test_llada_matches_reference(llada, cache, gen_length, block_length, thresho
     prompts = random_prompts(llada, lengths=(7,), seed=3)
     out, counting = _run(llada, prompts, gen_length=gen_length, block_length=block_length, threshold=threshold,
                          cache=cache)
-    ref = _RefModel(llada)
+    ref = ReferenceModel(llada)
     want = _ref_llada_generate(ref, torch.tensor(prompts), gen_length, gen_length, block_length,
                                llada.spec.mask_id, threshold=threshold, cache=cache)
     assert torch.equal(out.sequences, want)
@@ -249,7 +208,7 @@ def test_llada_factor_rule_matches_reference_with_its_quirk(llada, cache, factor
     prompts = random_prompts(llada, lengths=(6,), seed=5)
     out, counting = _run(llada, prompts, gen_length=32, block_length=8, factor=factor, cache=cache,
                          factor_last_rank_quirk=True)
-    ref = _RefModel(llada)
+    ref = ReferenceModel(llada)
     want = _ref_llada_generate(ref, torch.tensor(prompts), 32, 32, 8, llada.spec.mask_id, factor=factor, cache=cache)
     assert torch.equal(out.sequences, want)
     assert counting.nfe == ref.nfe
@@ -260,7 +219,7 @@ def test_llada_factor_rule_matches_reference_with_its_quirk(llada, cache, factor
 def test_dream_cached_paths_match_reference(dream, cache, block_length, threshold):
     prompts = random_prompts(dream, lengths=(7,), seed=3)
     out, counting = _run(dream, prompts, gen_length=32, block_length=block_length, threshold=threshold, cache=cache)
-    ref = _RefModel(dream)
+    ref = ReferenceModel(dream)
     want = _ref_dream_block(ref, torch.tensor(prompts), 32, block_length, threshold, cache == "dual",
                             dream.spec.mask_id)
     assert torch.equal(out.sequences, want)

@@ -12,10 +12,9 @@ from typing import Optional
 import torch
 
 from asynclane import rules
-from asynclane.lane import dream_compensation
 from asynclane.sampler import read_host
 
-__all__ = ["CallResult", "call_row", "call_rows", "token_probs", "read_back"]
+__all__ = ["CallResult", "processed_columns", "call_row", "call_rows", "token_probs", "read_back"]
 
 
 @dataclass
@@ -46,20 +45,30 @@ class CallResult:
         return self.conf[row][self.index[p]]
 
 
+def processed_columns(backbone, state, columns: list, predicted: list) -> list:
+    """The buffer columns a one-row call over ``columns`` that reads logits at ``predicted``
+    processes: ``columns`` plus whatever the backbone adds for those predictions
+    (:meth:`Backbone.plan`; the Dream family's left neighbours).  Without a cache: ``columns``."""
+    if state.cache is None:
+        return columns
+    cols, _ = backbone.plan(state.cache, columns, predicted)
+    return list(range(*cols)) if isinstance(cols, tuple) else cols
+
+
 def call_row(backbone, state, columns: list, predicted: list, write: bool, n_calls: int) -> torch.Tensor:
     """The one-row call: logits (1, len(predicted), V).  Without a cache a full forward; with one a
     :meth:`Backbone.step` over ``columns`` (``(lo, hi)`` when contiguous; ``write=False``: read-only).
     Repeated ``n_calls`` times without lane batching (same inputs, same logits)."""
     x = torch.tensor([state.row], device=backbone.device)
     if state.cache is None:
-        predict, blank = (None if predicted == columns else torch.tensor([predicted], device=x.device)), []
+        predict = None if predicted == columns else torch.tensor([predicted], device=x.device)
     else:
-        predict, blank = dream_compensation.step_predict(predicted, columns, state.dream)
+        predict = None if predicted == columns else predicted
         span = (columns[0], columns[-1] + 1) if columns[-1] + 1 - columns[0] == len(columns) else columns
     for _ in range(n_calls):
         logits = (backbone.forward(x, predict=predict) if state.cache is None
                   else backbone.step(x, state.cache, span, predict=predict, write=write))
-    return dream_compensation.blank_rows(logits, blank)
+    return logits
 
 
 def call_rows(backbone, cache, rows: list, span: tuple, predicted: list, lane_batching: bool) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""When a GEN lane forks (ours): the delimiter ids and the fork test of each decoding path.
+"""When a GEN lane forks (ours): the fork test of each decoding path.
 
 The paper names the trigger, "a delimiter boundary" after which the prefix stays editable; the
 tests below are our reconstruction (docs/research/asynclane.md §3.4).  Both read a window
@@ -8,11 +8,11 @@ tests below are our reconstruction (docs/research/asynclane.md §3.4).  Both rea
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
-__all__ = ["ForkRule", "delimiter_set", "fork_point", "line_forks"]
+__all__ = ["ForkRule", "fork_point", "line_forks"]
 
 
 @dataclass(frozen=True)
@@ -36,18 +36,6 @@ class ForkRule:
     def is_boundary(self, token: int, confidence: float) -> bool:
         """A delimiter committed with enough confidence."""
         return token in self.delimiters and confidence >= self.delimiter_threshold
-
-
-def delimiter_set(backbone, explicit: Optional[Sequence[int]]) -> frozenset:
-    """Delimiter ids: ``explicit`` when given, else every id whose decoded text has a newline."""
-    if explicit is not None:
-        return frozenset(int(t) for t in explicit)
-    tok = getattr(backbone, "tokenizer", None)
-    if tok is None:
-        return frozenset()
-    special = set(backbone.spec.eos_ids) | {backbone.spec.mask_id, backbone.spec.pad_id}
-    return frozenset(i for i in range(backbone.spec.vocab_size)
-                     if i not in special and "\n" in tok.decode([i]))
 
 
 def _values(seq, lo: int, hi: int) -> list:

@@ -12,10 +12,9 @@ import math
 import torch
 
 from asynclane import rules
-from asynclane.lane import dream_compensation
-from asynclane.lane.commit import (apply_lane_steps, cascade, first_argmax, first_token_only, lane_commit,
-                                   lane_record, restrict)
-from asynclane.lane.device import CallResult, call_row, read_back, token_probs
+from asynclane.lane.commit import (NEG_INF, apply_lane_steps, cascade, first_argmax, first_token_only, lane_commit,
+                                   lane_record)
+from asynclane.lane.device import CallResult, call_row, processed_columns, read_back, token_probs
 from asynclane.lane.forks import ForkRule, fork_point
 from asynclane.lane.plan import plan_row_call, predicted_positions
 from asynclane.lane.state import DecodeState
@@ -45,10 +44,13 @@ def decode(cfg, backbone, prompts, rng, delimiters) -> Generation:
 
 def _call(cfg, backbone, state, active, checks: list, n_calls: int, rng) -> CallResult:
     """Plan and run the iteration's call; its proposals, confidences and the checked drafts'
-    probabilities, read back in one fetch."""
-    predicted = predicted_positions(active, cfg.lookahead if cfg.draft_reuse else 0, state.end)
-    need = dream_compensation.with_left_neighbours(predicted, active, state)
+    probabilities, read back in one fetch.  The call processes the lanes' working blocks and
+    lookahead; logits are read where they are used: masked positions and checked drafts."""
+    span = predicted_positions(active, cfg.lookahead if cfg.draft_reuse else 0, state.end)
+    predicted = [p for p in span if state.row[p] == state.mask_id or p in checks]
+    need = processed_columns(backbone, state, span, predicted)
     columns, write, refresh = plan_row_call(cfg, state, active, need)
+    columns = processed_columns(backbone, state, columns, predicted)
     logits = call_row(backbone, state, columns, predicted, write, n_calls)
     if write:
         state.mark_written(columns)
@@ -71,7 +73,7 @@ def _step_lanes(cfg, state, active, call: CallResult, seeded: set, draft_prob: d
         masked = [state.row[p] == state.mask_id and p not in rec["remasked"] for p in region]
         _check_rows(cfg, lane, region, masked, call)
         first = first_token_only(cfg, state, lane, call.refresh)
-        score = restrict([call.confidence(p) for p in region], masked)
+        score = [call.confidence(p) if m else NEG_INF for p, m in zip(region, masked)]
         records.append(lane_record(lane, [region[j] for j in lane_commit(cfg, lane, score, masked, first)]))
         if not first and any(masked) and forced is None:
             forced = (records[-1], region[first_argmax(score)])
@@ -92,7 +94,7 @@ def _guard(cfg, state, region: list, seeded: set, draft_prob: dict, rec: dict) -
 
 
 def _check_rows(cfg, lane, region: list, masked: list, call: CallResult) -> None:
-    """A masked position needs logits (a Dream row without its ``p - 1`` is NaN)."""
+    """Every masked position got finite logits (a non-finite row would stall the lane)."""
     if any(m and math.isnan(call.confidence(p)) for p, m in zip(region, masked)):
         cols = call.columns
         raise RuntimeError(f"lane {lane.id}: NaN logits for masked positions of {region[0]}..{region[-1]} "

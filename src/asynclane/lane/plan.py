@@ -9,7 +9,6 @@ forces a full refresh.  Either way the refresh is the step's own call (its logit
 from __future__ import annotations
 
 from asynclane import rules
-from asynclane.lane import dream_compensation
 from asynclane.lane.tree import GEN
 
 __all__ = ["predicted_positions", "wants_full_refresh", "plan_row_call", "cached_row_columns", "rows_span"]
@@ -56,7 +55,7 @@ def plan_row_call(cfg, state, lanes, need: list) -> tuple:
 def cached_row_columns(cfg, want_full: bool, need: list, stale: list, length: int, end: int) -> tuple:
     """A cached one-row call's (columns, write, refresh).
 
-    ``need``: the columns the lanes read logits from (with Dream's left neighbours); ``stale``:
+    ``need``: the columns the call must process (:func:`~asynclane.lane.device.processed_columns`); ``stale``:
     slots whose K/V no longer match the buffer; ``end``: the answer's end.  ``prefix``: from the
     first needed column (or stale slot) to the end; ``dual``: the needed columns only, written in
     place, plus (compact) every slot from the first stale one through the last needed column,
@@ -81,7 +80,7 @@ def rows_span(cfg, state, lanes, predicted: list) -> tuple:
     """A speculative call's columns ``(lo, hi)``, shared by every row, and its refresh.
 
     ``lo``: the first predicted position, or the first stale slot below it (compact refresh), or 0
-    (a full refresh); Dream rows start one earlier.  ``hi``: as a prefix call's end.  ``dual``
+    (a full refresh); the backbone may add columns left of it (Dream's left neighbour).  ``hi``: as a prefix call's end.  ``dual``
     behaves as ``prefix`` here: the rows differ to the right, so no cache can hold their right
     context.
     """
@@ -92,5 +91,4 @@ def rows_span(cfg, state, lanes, predicted: list) -> tuple:
         lo, refresh = 0, "full"
     else:
         lo, refresh = _prefix_start(predicted[0], stale, cfg.compact_refresh)
-    lo = dream_compensation.rows_start(lo, state)
     return lo, _prefix_stop(stale, state.length, state.end, cfg.compact_refresh), refresh

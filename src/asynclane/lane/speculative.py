@@ -77,15 +77,16 @@ def _call(cfg, backbone, state, active, drafts: dict, checks: list, rng) -> Call
     lo, hi, refresh = rows_span(cfg, state, active, predicted)
     logits = call_rows(backbone, state.cache, lane_rows(active, state.row, drafts), (lo, hi), predicted,
                        cfg.lane_batching)
+    columns = range(lo, hi) if state.cache is None else range(*backbone.plan(state.cache, (lo, hi), predicted)[0])
     if state.cache is not None:  # row 0's K/V (the buffer's own) are what the cache keeps
-        state.mark_written(range(lo, hi))
+        state.mark_written(columns)
     logits = rules.without_mask(logits, state.mask_id)  # the drafts' probabilities too: under the same logits
     proposal = rules.gumbel_argmax(logits, cfg.temperature, rng)
     conf = rules.confidence_prob(logits, proposal, torch.float64)
     index = {p: i for i, p in enumerate(predicted)}
     flat = [(i, p) for i, masked in enumerate(checks) for p in masked]
     prob = token_probs(logits, [i for i, _ in flat], [index[p] for _, p in flat], [drafts[p] for _, p in flat])
-    return read_back(proposal, conf, prob, predicted, range(lo, hi), refresh)
+    return read_back(proposal, conf, prob, predicted, columns, refresh)
 
 
 def _verify(cfg, state, active, checks: list, drafts: dict, call: CallResult, rec: dict) -> int:

@@ -62,11 +62,6 @@ class DecodeState:
     def mask_id(self) -> int:
         return self.spec.mask_id
 
-    @property
-    def dream(self) -> bool:
-        """A Dream-family backbone: a position's logits come from the row before it."""
-        return self.spec.family == "dream"
-
     def stale(self) -> list:
         """Cache slots whose K/V were computed for another token than the buffer holds now."""
         return [p for p in range(self.length) if self.written[p] != self.row[p]]

@@ -28,7 +28,7 @@ import torch
 
 from asynclane import rules
 from asynclane.lane import one_row, speculative
-from asynclane.lane.forks import delimiter_set
+from asynclane.sampler import delimiter_set
 from asynclane.sampler import BaseSampler, Generation, SamplerConfig, check_block_length, register
 
 __all__ = ["AsyncLaneConfig", "AsyncLaneSampler"]
