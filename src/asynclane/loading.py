@@ -4,11 +4,16 @@ A checkpoint directory holds an official-schema ``config.json`` (LLaDA or Dream)
 weights under official parameter names (one file, or shards with ``model.safetensors.index.json``)
 and tokenizer files with the chat template.  No ``trust_remote_code``: the weights are mapped
 by name into the native :class:`~asynclane.backbone.Transformer`.
+
+A checkpoint may also hold ``training.json`` (written by ``scripts/train_tiny.py``); its
+``trained_context`` record says which lengths training showed the model, next to the
+``max_length`` it supports: :func:`context_limits` reads both (the runner's length guard).
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -203,6 +208,70 @@ def build_spec(name: str, cfg: ModelConfig, raw: dict, tokenizer) -> BackboneSpe
         chat_template=getattr(tokenizer, "chat_template", None))
 
 
+def _read_config(ckpt: Path) -> tuple[dict, ModelConfig]:
+    """config.json of a checkpoint directory: the raw dict and the parsed architecture."""
+    try:
+        raw = json.loads((ckpt / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{ckpt / 'config.json'} is not readable JSON ({e}); restore the "
+                              "checkpoint's official config.json") from e
+    try:
+        return raw, config_from_official(raw)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{ckpt / 'config.json'}: {e.args[0] if e.args else e}") from e
+
+
+TRAINED_CONTEXT = "trained_context"  # the record's key in training.json
+# its fields (all optional): the longest prompt, the answer budgets (gen lengths) and the longest
+# prompt + answer row training showed the model; max_length repeats config.json's, for the reader
+TRAINED_FIELDS = {"prompt_tokens": int, "gen_lengths": list, "tokens": int, "max_length": int}
+
+
+@dataclass(frozen=True)
+class ContextLimits:
+    """What a checkpoint supports and what it was trained for (the inputs of the length guard)."""
+
+    directory: Path  # the resolved checkpoint directory
+    max_length: int  # prompt + answer tokens the model can take at all (config.json; the RoPE table)
+    trained: Optional[dict] = None  # training.json's ``trained_context`` record, or None without one
+
+
+def read_trained_context(ckpt: Path) -> Optional[dict]:
+    """The ``trained_context`` record of a checkpoint's training.json; None without one."""
+    f = Path(ckpt) / "training.json"
+    if not f.exists():
+        return None
+    try:
+        rec = json.loads(f.read_text()).get(TRAINED_CONTEXT)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{f} is not a readable JSON object ({e}); restore the checkpoint's training.json") from e
+    if rec is None:
+        return None
+
+    def ok(key, value) -> bool:
+        if TRAINED_FIELDS[key] is list:
+            return isinstance(value, list) and bool(value) and all(_positive_int(g) for g in value)
+        return _positive_int(value)
+
+    bad = [k for k in TRAINED_FIELDS if k in rec and not ok(k, rec[k])] if isinstance(rec, dict) else [TRAINED_CONTEXT]
+    if bad:
+        raise CheckpointError(f"{f}: {TRAINED_CONTEXT} is malformed ({', '.join(bad)}); valid: an object with "
+                              "prompt_tokens, tokens, max_length (positive integers) and gen_lengths (a list of them)")
+    return rec
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def context_limits(path_or_hub_id: Union[str, os.PathLike] = TINY_DIR) -> ContextLimits:
+    """The checkpoint's ``max_length`` (config.json) and trained-context record (training.json),
+    without loading its weights."""
+    ckpt = _local_dir(path_or_hub_id)
+    _, cfg = _read_config(ckpt)
+    return ContextLimits(ckpt, cfg.max_length, read_trained_context(ckpt))
+
+
 def load_backbone(path_or_hub_id: Union[str, os.PathLike] = TINY_DIR, *, dtype=None,
                   device=None) -> Backbone:
     """Load a LLaDA- or Dream-schema checkpoint into the native backbone.
@@ -211,15 +280,7 @@ def load_backbone(path_or_hub_id: Union[str, os.PathLike] = TINY_DIR, *, dtype=N
     torch dtype or one of fp32/bf16/fp16 (default fp32); device: ``auto`` (cuda when available).
     """
     ckpt = _local_dir(path_or_hub_id)
-    try:
-        raw = json.loads((ckpt / "config.json").read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{ckpt / 'config.json'} is not readable JSON ({e}); restore the "
-                              "checkpoint's official config.json") from e
-    try:
-        cfg = config_from_official(raw)
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{ckpt / 'config.json'}: {e.args[0] if e.args else e}") from e
+    raw, cfg = _read_config(ckpt)
     with torch.device("meta"):
         model = Transformer(cfg)
     # allocate once, directly in the target dtype/device; Transformer._apply keeps RoPE in fp32

@@ -27,6 +27,12 @@ generator) and only its missing rows are written.  At temperature 0 on a CPU a k
 run's rows, and so its summary, equal an uninterrupted run's, timing aside, at any batch size.
 ``summary.json`` is computed from the rows alone (:func:`eval.rows.summarize`, pandas).
 
+Length guard (before the weights load, from config.json, training.json and the tokenizer): a
+run whose longest prompt + ``gen_length`` exceeds the model's ``max_length`` is a usage error; one
+past the context the model was trained for (``model.trained_context``, else the checkpoint's
+``trained_context`` record) but within ``max_length`` runs with a warning in the log and in
+``summary.json``'s ``warnings``.
+
 Backbones are cached by (path, dtype, device) for the process: a Hydra multirun loads each
 checkpoint once.
 """
@@ -48,7 +54,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import baselines  # noqa: F401  (importing registers every competing sampler)
 from asynclane import CheckpointError, CheckpointNotFound, CountingBackbone, build_sampler, load_backbone
-from asynclane.loading import TINY_DIR, checkpoint_id, resolve_device, resolve_dtype
+from asynclane.loading import TINY_DIR, checkpoint_id, context_limits, load_tokenizer, resolve_device, resolve_dtype
 from asynclane.sampler import first_eos_cut
 
 from .cli import UsageError, check_keys, check_output_dir, preset
@@ -61,6 +67,8 @@ __all__ = ["run", "UsageError", "read_rows", "summarize", "SAMPLES", "SUMMARY", 
 _appender = Appender  # the name tests/eval/test_cli.py knows
 # config keys that decide a row's content; the others (limit, warmup, threads, hydra) do not
 FINGERPRINT_KEYS = ("model", "sampler", "task", "seed", "batch_size", "dtype", "device")
+# model keys that never change a row (left out of the fingerprint, so adding them kept old rows resumable)
+MODEL_INFO_KEYS = ("trained_context",)
 # task keys that only choose which examples run (ids are stable), not what a row holds
 SELECTION_KEYS = ("limit", "n")
 # threads=null (auto) on a CPU: one thread below this many parameters (the tiny model has 3.5M), whose
@@ -112,6 +120,7 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict:
     torch.manual_seed(seed)
 
     examples = task.examples(conf["limit"], seed, conf["limit_mode"])
+    warnings += _length_guard(model, task, examples, int(conf["gen_length"]))
     samples = out_dir / SAMPLES
     done = {r["example_id"] for r in read_rows(samples) if r.get("fingerprint") == fingerprint}
     # batches are fixed chunks of the example list: a resumed run regenerates a batch cut short by a
@@ -364,6 +373,53 @@ def _preflight(task) -> list[str]:
     return warnings
 
 
+def _length_guard(model: dict, task, examples, gen_length: int) -> list[str]:
+    """Refuse a run longer than the model's ``max_length``; warn (returned for ``summary.json``)
+    about one past the context it was trained for.  Reads config.json, training.json and the
+    tokenizer only, so a bad length fails before the weights load."""
+    trained = model.get("trained_context")
+    if trained is not None and (not isinstance(trained, int) or isinstance(trained, bool) or trained <= 0):
+        raise UsageError(f"model.trained_context must be a positive integer (prompt + answer tokens the model "
+                         f"was trained for) or null (the checkpoint's own record), got {trained!r}")
+    name = model["name"]
+    with _checkpoint_errors(model):
+        limits = context_limits(model.get("path") or TINY_DIR)
+        tok = load_tokenizer(limits.directory)
+        if tok is None:
+            raise CheckpointNotFound(f"{limits.directory} has no tokenizer files; the runner needs them to build prompts")
+    if not examples:
+        return []
+    longest = max(len(task.build_prompt(tok, ex)) for ex in examples)  # batches pad to their longest prompt
+    need = longest + gen_length
+    if need > limits.max_length:
+        room = limits.max_length - longest
+        valid = f"valid here: gen_length <= {room}" if room > 0 else "no gen_length fits: the prompt alone is too long"
+        raise UsageError(f"model={name}: the longest prompt of task={task.name} ({longest} tokens) + gen_length="
+                         f"{gen_length} = {need} tokens exceeds the model's max_length {limits.max_length} (its "
+                         f"config.json); {valid}")
+    record, source = ({"tokens": trained}, "model.trained_context") if trained is not None else (
+        limits.trained, f"{limits.directory / 'training.json'}")
+    if not record:
+        return []
+    beyond = []
+    gens = record.get("gen_lengths")
+    if gens and gen_length > max(gens):
+        beyond.append(f"gen_length={gen_length} > its largest trained answer budget (trained on "
+                      f"{'/'.join(map(str, gens))})")
+    if "prompt_tokens" in record and longest > record["prompt_tokens"]:
+        beyond.append(f"task={task.name}'s longest prompt ({longest} tokens) > its longest trained prompt "
+                      f"({record['prompt_tokens']})")
+    if "tokens" in record and need > record["tokens"]:
+        beyond.append(f"prompt + gen_length = {need} tokens > its longest trained sequence ({record['tokens']})")
+    if not beyond:
+        return []
+    warning = (f"BEYOND THE TRAINED CONTEXT: model={name}: {'; '.join(beyond)} (from {source}). The run goes on, "
+               f"within max_length {limits.max_length}, but the model never saw such lengths: its outputs "
+               f"there are unreliable")
+    log.warning("%s", warning)
+    return [warning]
+
+
 def _build_sampler(sampler_conf: dict):
     options = dict(sampler_conf)
     name = options.pop("name", None)
@@ -378,6 +434,7 @@ def _build_sampler(sampler_conf: dict):
 def _fingerprint(conf: dict) -> str:
     key = {k: conf.get(k) for k in FINGERPRINT_KEYS}
     key["task"] = {k: v for k, v in key["task"].items() if k not in SELECTION_KEYS}
+    key["model"] = {k: v for k, v in key["model"].items() if k not in MODEL_INFO_KEYS}
     if not key["model"].get("compile"):  # eager rows keep the fingerprint they had before the key existed;
         key["model"] = {k: v for k, v in key["model"].items() if k != "compile"}  # compiled rows differ
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]

@@ -25,6 +25,9 @@ model trained on a CPU, while content lookups are learned early.
 
 Held-out split: ``test_problems(task, n)`` draws from a fixed seed; ``train_problem`` rejects
 any problem whose prompt is in the first ``HELD_OUT`` test prompts, so training never sees them.
+
+The long task ``trace`` (answers of 119-914 tokens in budget classes 256/512/1024, over the same
+vocabulary) lives in :mod:`eval.tasks.trace`; importing this module registers it.
 """
 from __future__ import annotations
 
@@ -33,13 +36,15 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from . import trace  # noqa: F401  (registers task=trace; the trainer imports it from here too)
+
 MAX_VALUE = 99  # every number is one token: 0..99
 STEP_KEYS = [chr(ord("A") + i) for i in range(8)]
 ITEM_KEYS = [chr(ord("a") + i) for i in range(12)]
 OPS = ("sort", "rev", "add")
 VOCAB_WORDS = ([str(i) for i in range(MAX_VALUE + 1)] + STEP_KEYS + ITEM_KEYS
                + ["start", "+", "-", "=", "####", *OPS, "\n"])
-TASKS = ("arith", "listops")
+TASKS = ("arith", "listops")  # the short tasks; the long one is trace.TraceTask
 HELD_OUT = 1000
 TEST_SEED = {"arith": 1_000_003, "listops": 2_000_003}
 VERSION = {"arith": "arith-v1", "listops": "listops-v1"}
