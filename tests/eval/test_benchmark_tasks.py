@@ -29,9 +29,14 @@ class FakeTokenizer:
 
     bos_token_id = 1
 
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
-        assert tokenize is False and add_generation_prompt is True
-        return "<s>" + "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages) + "<assistant>"
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True, continue_final_message=False):
+        assert tokenize is False
+        body = "<s>" + "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
+        if continue_final_message:  # the last (assistant) message stays open, as transformers renders it
+            assert add_generation_prompt is False
+            return body[: -len(f"</{messages[-1]['role']}>")]
+        assert add_generation_prompt is True
+        return body + "<assistant>"
 
     def encode(self, text, add_special_tokens=True):
         assert add_special_tokens is False
@@ -49,7 +54,8 @@ def test_tasks_are_registered_with_versioned_configs():
     for name in BENCHMARKS:
         assert name in TASKS
         conf = OmegaConf.load(ROOT / "conf" / "task" / f"{name}.yaml")
-        assert conf.name == name and conf.version == TASKS[name].version == f"{name}-v1"
+        want = {"math500": "math500-v2", "humaneval": "humaneval-v2"}.get(name, f"{name}-v1")  # v2: lm-eval 0.4.13
+        assert conf.name == name and conf.version == TASKS[name].version == want
         assert conf.limit is None
 
 
@@ -242,7 +248,7 @@ def test_math500_prompts():
                               "your final answer within \\boxed{}."},)
     minerva = Math500Task(variant="minerva", chat_template=False).prompt(ex).text
     assert minerva.count("Problem:\n") == 5 and minerva.count("Final Answer: The final answer is") == 4
-    assert minerva.startswith("Problem:\nFind the domain of the expression  $\\frac{\\sqrt{x-2}}{\\sqrt{5-x}}$.}"
+    assert minerva.startswith("Problem:\nFind the domain of the expression  $\\frac{\\sqrt{x-2}}{\\sqrt{5-x}}$."
                               "\n\nSolution: The expressions inside")
     assert minerva.endswith("I hope it is correct.\n\nProblem:\n" + ex.prompt + "\n\nSolution:")
     multi = Math500Task(variant="minerva").prompt(ex).messages
@@ -263,7 +269,7 @@ def test_math500_scoring_with_math_verify():
              ("11\\sqrt2", "no boxed answer: 11\\sqrt{2}", False),
              ("11\\sqrt2", "", False)]
     for gold, completion, want in cases:
-        assert task.score(by_answer[gold], completion) == {"correct": want}, (gold, completion)
+        assert task.score(by_answer[gold], completion)["correct"] == want, (gold, completion)
     minerva = Math500Task(variant="minerva")
     e = by_answer["\\frac{14}{3}"]
     assert minerva.score(e, "$x=14/3$.\nFinal Answer: The final answer is $\\frac{14}{3}$. I hope it is correct."

@@ -16,6 +16,16 @@ MATH
     the content of the last ``\\boxed{...}`` (braces balanced; ``\\fbox`` too; ``\\boxed 5``
     without braces reads up to ``$`` or the end of the line), or Minerva's "Final Answer: The
     final answer is X. I hope it is correct." form, whichever comes last in the text.
+    lm-eval's two ``minerva_math`` metrics (release 0.4.13, metadata 3.1) are reimplemented
+    here too: ``exact_match`` (:func:`minerva_exact_match`: the Final Answer sentence and the
+    gold's last box, both through the Minerva appendix-D normalisation :func:`minerva_normalize`)
+    and ``math_verify`` (:func:`math_verify_whole`: the whole completion against the whole
+    reference solution).
+
+Stop strings
+    :func:`cut_at_stops` cuts at the earliest occurrence of any stop string;
+    :func:`split_at_stops` is lm-eval's own rule for generate_until (each stop string in turn,
+    ``text.split(stop)[0]``), which differs only when one stop string overlaps another.
 
 Code
     :func:`code_from_fences` takes the code out of a Markdown answer, :func:`sanitize_code`
@@ -31,8 +41,10 @@ from typing import Optional, Pattern, Sequence, Union
 __all__ = [
     "INVALID", "GSM8K_STRICT", "GSM8K_COT_STRICT", "GSM8K_FLEXIBLE", "GSM8K_IGNORE",
     "regex_extract", "gsm8k_strict", "gsm8k_cot_strict", "gsm8k_flexible", "gsm8k_normalize",
-    "gsm8k_match", "cut_at_stops", "last_boxed", "minerva_answer", "math_answer", "strip_dollars",
-    "SANITIZER", "code_from_fences", "sanitize_code",
+    "gsm8k_match", "cut_at_stops", "split_at_stops", "last_boxed", "minerva_answer", "math_answer",
+    "strip_dollars", "MINERVA_INVALID", "minerva_final_answer", "minerva_last_boxed", "minerva_unbox",
+    "minerva_normalize", "minerva_gold", "minerva_is_equiv", "minerva_exact_match", "math_verify_whole",
+    "SANITIZER", "code_from_fences", "sanitize_code", "fence_cut",
 ]
 
 INVALID = "[invalid]"  # lm-eval's RegexFilter fallback
@@ -94,6 +106,15 @@ def cut_at_stops(text: str, stops: Sequence[str]) -> str:
             if 0 <= i < cut:
                 cut = i
     return text[:cut]
+
+
+def split_at_stops(text: str, stops: Sequence[str]) -> str:
+    """lm-eval's post-generation cut (HF models' ``generate_until``): for each non-empty stop
+    string in order, keep what precedes its first occurrence."""
+    for s in stops:
+        if s:
+            text = text.split(s)[0]
+    return text
 
 
 # ----------------------------------------------------------------------------------------- MATH
@@ -163,6 +184,171 @@ def math_answer(text: str) -> Optional[str]:
     return boxed
 
 
+# ------------------------------------------------------------------- MATH: lm-eval's minerva metrics
+
+MINERVA_INVALID = "[invalidanswer]"  # lm-eval's value when the Final Answer sentence is missing
+# Minerva's answer normalisation (Lewkowycz et al. 2022, appendix D) as lm-eval 0.4.13 runs it:
+# literal substitutions, then words and marks removed (alphabetic ones as whole words first)
+_MINERVA_SUBSTITUTIONS = (
+    ("an ", ""), ("a ", ""), (".$", "$"), ("\\$", ""), ("\\ ", ""), (" ", ""), ("mbox", "text"),
+    (",\\text{and}", ","), ("\\text{and}", ","), ("\\text{m}", "\\text{}"),
+)
+_MINERVA_REMOVED = (
+    "square", "ways", "integers", "dollars", "mph", "inches", "ft", "hours", "km", "units", "\\ldots",
+    "sue", "points", "feet", "minutes", "digits", "cents", "degrees", "cm", "gm", "pounds", "meters",
+    "meals", "edges", "students", "childrentickets", "multiples", "\\text{s}", "\\text{.}", "\\text{\ns}",
+    "\\text{}^2", "\\text{}^3", "\\text{\n}", "\\text{}", "\\mathrm{th}", "^\\circ", "^{\\circ}", "\\;",
+    ",\\!", "{,}", '"', "\\dots",
+)
+_LATEX_COMMAND = re.compile(r"(\\[a-zA-Z]+)")
+# (pattern, replacement) applied in order after the removals
+_MINERVA_REWRITES = (
+    (re.compile(r"(.*?)(\$)(.*?)(\$)(.*)"), r"$\3$"),  # the first $...$ span
+    (re.compile(r"(\\text\{)(.*?)(\})"), r"\2"),
+    (re.compile(r"(\\textbf\{)(.*?)(\})"), r"\2"),
+    (re.compile(r"(\\overline\{)(.*?)(\})"), r"\2"),
+    (re.compile(r"(\\boxed\{)(.*)(\})"), r"\2"),
+    (re.compile(r"(frac)([^{])(.)"), r"frac{\2}{\3}"),  # \fracab -> \frac{a}{b}
+    (re.compile(r"(sqrt)(\[[^\]]*\])(\w)"), r"\1\2{\3}"),  # \sqrt[3]a -> \sqrt[3]{a}
+    (re.compile(r"(sqrt)(?!\[)([^{])"), r"sqrt{\2}"),  # \sqrta -> \sqrt{a}
+)
+_THOUSANDS = re.compile(r"-?\d{1,3}(,\d{3})+")
+
+
+def minerva_final_answer(text: str) -> str:
+    """X of the first "Final Answer: The final answer is X. I hope it is correct." (the closing
+    sentence may be cut off at the very end), stripped; :data:`MINERVA_INVALID` without one."""
+    got = minerva_answer(text)
+    return MINERVA_INVALID if got is None else got
+
+
+def minerva_last_boxed(text: str) -> Optional[str]:
+    """The last box of a solution *with* its command, as lm-eval's Minerva utilities find it: a
+    ``\\boxed `` (with a space) anywhere wins and runs to the next ``$``; otherwise the last
+    ``\\boxed`` (else ``\\fbox``) up to its balancing ``}``; None if absent or unbalanced."""
+    spaced = "\\boxed "
+    if spaced in text:
+        return spaced + text.split(spaced)[-1].split("$")[0]
+    start = text.rfind("\\boxed")
+    if start < 0:
+        start = text.rfind("\\fbox")
+        if start < 0:
+            return None
+    depth = 0
+    for j in range(start, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start: j + 1]
+    return None
+
+
+def minerva_unbox(boxed: Optional[str]) -> Optional[str]:
+    """``\\boxed{x}`` / ``\\boxed x`` -> ``x``; None for anything else (lm-eval asserts there)."""
+    if boxed is None:
+        return None
+    if "\\boxed " in boxed:
+        return boxed[len("\\boxed "):] if boxed.startswith("\\boxed ") else None
+    if boxed.startswith("\\boxed{") and boxed.endswith("}"):
+        return boxed[len("\\boxed{"):-1]
+    return None
+
+
+def minerva_normalize(answer: str) -> str:
+    """Minerva's final-answer normalisation (appendix D), as lm-eval 0.4.13 applies it."""
+    s = answer.split("=")[-1]
+    words = [w for w in _MINERVA_REMOVED if w.isalpha()]
+    for w in words:  # unit words while whitespace still delimits them (never inside a command)
+        s = re.sub(rf"(?<!\\)\b{w}\b", "", s)
+    for old, new in _MINERVA_SUBSTITUTIONS:
+        s = s.replace(old, new)
+    for w in _MINERVA_REMOVED:
+        if w.isalpha():  # glued to their neighbours once spaces are gone; command names are kept
+            parts = _LATEX_COMMAND.split(s)
+            s = "".join(p if i % 2 else p.replace(w, "") for i, p in enumerate(parts))
+        else:
+            s = s.replace(w, "")
+    for rx, repl in _MINERVA_REWRITES:
+        s = rx.sub(repl, s)
+    s = s.replace("$", "")
+    if _THOUSANDS.fullmatch(s):
+        s = s.replace(",", "")
+    return s
+
+
+def minerva_gold(solution: str) -> Optional[str]:
+    """lm-eval's gold answer of a MATH solution: its last box, unboxed and normalised (None
+    where the solution has no usable box)."""
+    inner = minerva_unbox(minerva_last_boxed(solution))
+    return None if inner is None else minerva_normalize(inner)
+
+
+def _with_alarm(seconds: int, fn):
+    """``fn()`` under a SIGALRM timer in the main thread (elsewhere without one); TimeoutError."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return fn()
+
+    def on_alarm(signum, frame):
+        raise TimeoutError
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        return fn()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def minerva_is_equiv(a: str, b: str, timeout: int = 5) -> bool:
+    """lm-eval's ``is_equiv`` of two normalised answers: equal non-empty strings, else the
+    difference of the two parsed expressions simplifies to 0 (within ``timeout`` seconds).
+
+    Deviation: lm-eval parses with sympy's ``parse_latex``, which needs antlr 4.11 and cannot
+    be installed next to Hydra (antlr 4.9); this parses with math-verify's
+    ``latex2sympy2_extended`` (antlr 4.9) instead.  Every unparsable or failing pair is False,
+    as in lm-eval."""
+    if isinstance(a, str) and a and a == b:
+        return True
+    try:
+        import sympy
+        from latex2sympy2_extended import latex2sympy
+
+        def compare() -> bool:
+            diff = latex2sympy(a) - latex2sympy(b)
+            return bool(sympy.simplify(diff) == 0)
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _with_alarm(timeout, compare)
+    except Exception:  # noqa: BLE001 - parse errors, type errors, timeouts: not equivalent
+        return False
+
+
+def minerva_exact_match(completion: str, gold: Optional[str]) -> bool:
+    """lm-eval ``minerva_math`` ``exact_match``: the normalised Final Answer of ``completion``
+    is equivalent to ``gold`` (:func:`minerva_gold` of the reference solution)."""
+    if gold is None:
+        return False
+    return minerva_is_equiv(minerva_normalize(minerva_final_answer(completion)), gold)
+
+
+def math_verify_whole(completion: str, solution: str) -> bool:
+    """lm-eval ``minerva_math`` ``math_verify``: math-verify's ``verify`` of the whole
+    completion against the whole reference solution, both parsed with the default settings."""
+    from math_verify import parse, verify
+
+    try:
+        return bool(verify(gold=parse(solution), target=parse(completion)))
+    except Exception:  # noqa: BLE001 - math-verify's own failures count as wrong
+        return False
+
+
 # ----------------------------------------------------------------------------------------- code
 
 SANITIZER = "sanitize-v1"
@@ -170,6 +356,13 @@ _OPEN_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+.-]*)[ \t]*\r?\n")
 _KEEP = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign,
          ast.AnnAssign)
 _DEF_START = re.compile(r"(?:async\s+def|def|class|import|from)\b|@")
+
+
+def fence_cut(text: str) -> str:
+    """``text`` up to its first ```` ``` ```` (lm-eval ``humaneval_instruct``: the model closes
+    the code block its answer prefix opened)."""
+    end = text.find("```")
+    return text if end < 0 else text[:end]
 
 
 def code_from_fences(text: str, opened: bool = False) -> str:

@@ -17,7 +17,8 @@ subset (``limit``) runs.
 
 Every completion is cut at the first stop string and then scored two ways, both in every row
 (``strict`` and ``flexible``, see :mod:`eval.tasks.extract`); ``primary`` says which is
-``correct``.
+``correct``.  ``bos`` (``always`` | ``tokenizer``): how plain prompts get a BOS
+(:mod:`eval.tasks.prompting`; ``tokenizer`` is lm-eval's rule).
 """
 from __future__ import annotations
 
@@ -54,8 +55,10 @@ class GSM8KTask(BenchmarkTask):
     version = "gsm8k-v1"
 
     def __init__(self, variant: str = "fewshot", num_fewshot=None, fewshot_seed: int = 1234,
-                 chat_template: bool = True, fewshot_as_multiturn: bool = True, primary: str = "strict"):
+                 chat_template: bool = True, fewshot_as_multiturn: bool = True, primary: str = "strict",
+                 bos: str = "always"):
         check_choice("gsm8k", "variant", variant, tuple(VARIANTS))
+        self.set_bos(bos)
         check_choice("gsm8k", "primary", primary, ("strict", "flexible"))
         self.template, self.stops, self._strict, default_k = VARIANTS[variant]
         k = default_k if num_fewshot is None else num_fewshot
@@ -67,7 +70,7 @@ class GSM8KTask(BenchmarkTask):
     @property
     def variant(self) -> str:
         fmt = ("chat-multiturn" if self.multiturn and self.num_fewshot else "chat") if self.chat else "plain"
-        return f"{self.variant_name}-{self.num_fewshot}shot-{fmt}-{self.primary}"
+        return f"{self.variant_name}-{self.num_fewshot}shot-{fmt}-{self.primary}{self.bos_suffix}"
 
     def _build_pool(self) -> list[Example]:
         test = load_records("gsm8k/test.jsonl", FIELDS)

@@ -6,9 +6,11 @@ Variants:
     the bare prompt (signature and docstring) as plain text; the model continues the function.
 ``instruct``
     lm-eval's ``humaneval_instruct``: one user turn "Write a solution to the following problem
-    and make sure that it passes the tests:\\n```python\\n{prompt}\\n```\\n" through the chat
-    template, and the answer started for the model (``gen_prefix``) with "Here is the completed
-    function:\\n```python\\n{prompt}\\n", so it continues the function inside an open code block.
+    and make sure that it passes the tests:\\n```python\\n{prompt}\\n```\\n" and the answer
+    started for the model (``gen_prefix``) "Here is the completed function:\\n```python\\n{prompt}\\n"
+    as a final assistant message, rendered with ``continue_final_message`` (lm-eval's
+    construction; a template that trims message content trims the prefix's end too), so the
+    model continues the function inside an open code block.
 
 Post-processing (``postprocess``), recorded in the config and the row's ``prediction``:
 
@@ -18,8 +20,16 @@ Post-processing (``postprocess``), recorded in the config and the row's ``predic
     keeping only imports, definitions and assignments (prose, ``print`` calls, stray asserts and
     ``__main__`` blocks go).
 ``none`` (lm-eval exactly)
-    ``completion``: prompt + completion cut at the first of ``\\nclass``, ``\\ndef``, ``\\n#``,
-    ``\\nif``, ``\\nprint``; ``instruct``: prompt + completion cut at the first ```` ``` ````.
+    prompt + the completion cut as lm-eval cuts it: first at the task's stop strings
+    ``\\nclass``, ``\\ndef``, ``\\n#``, ``\\nif``, ``\\nprint`` (lm-eval's ``generate_until`` rule,
+    :func:`eval.tasks.extract.split_at_stops`; both variants), then, for ``instruct``, at the first
+    ```` ``` ```` (its ``build_predictions_instruct`` filter).
+
+Version ``humaneval-v2``: the instruct prompt's construction above (``v1`` appended the prefix
+as text after the generation prompt) and the stop strings of ``instruct`` with ``none``.
+
+``bos`` (``always`` | ``tokenizer``): how the plain ``completion`` prompt gets a BOS
+(:mod:`eval.tasks.prompting`; ``tokenizer`` is lm-eval's rule).
 
 The program run is ``code + "\\n" + test + "\\n" + "check(entry_point)"`` in
 :mod:`eval.sandbox` (a separate process, limits, no network); ``correct`` means it exited
@@ -73,18 +83,19 @@ def exec_flags(program: str, cfg: sandbox.SandboxConfig) -> dict:
 class HumanEvalTask(BenchmarkTask):
     """HumanEval pass@1 (greedy: one completion per problem)."""
 
-    version = "humaneval-v1"
+    version = "humaneval-v2"
 
     def __init__(self, variant: str = "instruct", postprocess: str = "sanitize", timeout: float = 10.0,
-                 memory_mb: int = 2048, sandbox_strict: bool = False):
+                 memory_mb: int = 2048, sandbox_strict: bool = False, bos: str = "always"):
         check_choice("humaneval", "variant", variant, ("completion", "instruct"))
         check_choice("humaneval", "postprocess", postprocess, ("sanitize", "none"))
         self.variant_name, self.postprocess = variant, postprocess
+        self.set_bos(bos)
         self.sandbox = code_sandbox(timeout, memory_mb, sandbox_strict)
 
     @property
     def variant(self) -> str:
-        return f"{self.variant_name}-{X.SANITIZER if self.postprocess == 'sanitize' else 'raw'}"
+        return f"{self.variant_name}-{X.SANITIZER if self.postprocess == 'sanitize' else 'raw'}{self.bos_suffix}"
 
     def _build_pool(self) -> list[Example]:
         rows = load_records("humaneval/HumanEval.jsonl.gz", FIELDS)
@@ -106,8 +117,8 @@ class HumanEvalTask(BenchmarkTask):
     def body(self, completion: str) -> str:
         """The part of the completion that follows the prompt in the program."""
         if self.postprocess == "none":
-            stops = COMPLETION_STOPS if self.variant_name == "completion" else ("```",)
-            return X.cut_at_stops(completion, stops)
+            text = X.split_at_stops(completion, COMPLETION_STOPS)
+            return text if self.variant_name == "completion" else X.fence_cut(text)
         return X.code_from_fences(completion, opened=self.variant_name == "instruct")
 
     def code(self, example: Example, completion: str) -> str:

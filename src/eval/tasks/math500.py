@@ -15,6 +15,16 @@ whichever comes last (:func:`eval.tasks.extract.math_answer`); ``correct`` is ma
 ``verify(gold, prediction)`` with the dataset's ``answer`` as gold (both parsed as LaTeX; on
 MATH-500 this agrees with parsing the reference solution for all 500 problems).  math-verify
 runs with its default timeouts, which use SIGALRM: score in the main thread.
+
+Every row also carries lm-eval's two ``minerva_math`` metrics under their names, computed on the
+completion cut at the variant's stop strings (lm-eval 0.4.13, metadata 3.1; both variants):
+``exact_match`` (the "Final Answer: The final answer is X." sentence against the last box of the
+reference solution, both through Minerva's normalisation, :func:`eval.tasks.extract.minerva_exact_match`;
+a completion without that sentence never matches) and ``math_verify`` (math-verify of the whole
+completion against the whole reference solution, :func:`eval.tasks.extract.math_verify_whole`).
+
+Version ``math500-v2``: the Minerva shots equal lm-eval 0.4.13's (``v1`` had the development
+branch's stray ``}`` and single backslashes), and rows gained ``exact_match`` and ``math_verify``.
 """
 from __future__ import annotations
 
@@ -32,11 +42,11 @@ ZEROSHOT_INSTRUCTION = "Please reason step by step, and put your final answer wi
 MINERVA_TEMPLATE = "Problem:\n{problem}\n\nSolution:"
 MINERVA_STOPS = ("Problem:",)
 
-# The Minerva 4-shot exemplars (Lewkowycz et al. 2022, appendix), as lm-eval's minerva_math
-# tasks pass them (including their quirks: the stray "}" of the first problem, and a single
-# backslash before the line breaks inside the two align* environments).
+# The Minerva 4-shot exemplars (Lewkowycz et al. 2022, appendix) exactly as lm-eval 0.4.13 passes
+# them (minerva_math, metadata version 3.1: no stray "}" after the first problem, and "\\" line
+# breaks inside the two align* environments; the development branch's 3.0 had both wrong).
 MINERVA_SHOTS = (
-    ("Find the domain of the expression  $\\frac{\\sqrt{x-2}}{\\sqrt{5-x}}$.}",
+    ("Find the domain of the expression  $\\frac{\\sqrt{x-2}}{\\sqrt{5-x}}$.",
      "The expressions inside each square root must be non-negative. Therefore, $x-2 \\ge 0$, so $x\\ge2$, "
      "and $5 - x \\ge 0$, so $x \\le 5$. Also, the denominator cannot be equal to zero, so $5-x>0$, which "
      "gives $x<5$. Therefore, the domain of the expression is $\\boxed{[2,5)}$.\nFinal Answer: The final "
@@ -49,9 +59,9 @@ MINERVA_SHOTS = (
      "If Terrell lifts two 20-pound weights 12 times, he lifts a total of $2\\cdot 12\\cdot20=480$ pounds of "
      "weight.  If he lifts two 15-pound weights instead for $n$ times, he will lift a total of "
      "$2\\cdot15\\cdot n=30n$ pounds of weight.  Equating this to 480 pounds, we can solve for $n$:\n"
-     "\\begin{align*}\n30n&=480\\\n\\Rightarrow\\qquad n&=480/30=\\boxed{16}\n\\end{align*}\nFinal Answer: "
+     "\\begin{align*}\n30n&=480\\\\\n\\Rightarrow\\qquad n&=480/30=\\boxed{16}\n\\end{align*}\nFinal Answer: "
      "The final answer is $16$. I hope it is correct."),
-    ("If the system of equations\n\n\\begin{align*}\n6x-4y&=a,\\\n6y-9x &=b.\n\\end{align*}has a solution "
+    ("If the system of equations\n\n\\begin{align*}\n6x-4y&=a,\\\\\n6y-9x &=b.\n\\end{align*}has a solution "
      "$(x, y)$ where $x$ and $y$ are both nonzero,\nfind $\\frac{a}{b},$ assuming $b$ is nonzero.",
      "If we multiply the first equation by $-\\frac{3}{2}$, we obtain\n\n$$6y-9x=-\\frac{3}{2}a.$$Since we "
      "also know that $6y-9x=b$, we have\n\n$$-\\frac{3}{2}a=b\\Rightarrow\\frac{a}{b}=\\boxed{-\\frac{2}{3}}.$$\n"
@@ -85,11 +95,13 @@ def verify_answer(gold_parsed, prediction: Optional[str]) -> bool:
 class Math500Task(BenchmarkTask):
     """MATH-500; ``correct``: math-verify on the final answer (last ``\\boxed{}`` / Minerva form)."""
 
-    version = "math500-v1"
+    version = "math500-v2"
 
-    def __init__(self, variant: str = "zeroshot", chat_template: bool = True, fewshot_as_multiturn: bool = True):
+    def __init__(self, variant: str = "zeroshot", chat_template: bool = True, fewshot_as_multiturn: bool = True,
+                 bos: str = "always"):
         check_choice("math500", "variant", variant, ("zeroshot", "minerva"))
         self.variant_name, self.chat, self.multiturn = variant, bool(chat_template), bool(fewshot_as_multiturn)
+        self.set_bos(bos)
         self.stops = MINERVA_STOPS if variant == "minerva" else ()
         self._gold: dict[str, object] = {}
 
@@ -97,7 +109,7 @@ class Math500Task(BenchmarkTask):
     def variant(self) -> str:
         fmt = ("chat-multiturn" if self.multiturn and self.variant_name == "minerva" else "chat") \
             if self.chat else "plain"
-        return f"{self.variant_name}-{fmt}"
+        return f"{self.variant_name}-{fmt}{self.bos_suffix}"
 
     def _build_pool(self) -> list[Example]:
         rows = load_records("math500/test.jsonl", FIELDS)
@@ -121,4 +133,8 @@ class Math500Task(BenchmarkTask):
         return self._gold[example.id]
 
     def score(self, example: Example, completion: str) -> dict:
-        return {"correct": verify_answer(self.gold(example), self.extract(completion))}
+        text = X.cut_at_stops(completion, self.stops)
+        solution = example.meta["solution"]
+        return {"correct": verify_answer(self.gold(example), self.extract(completion)),
+                "exact_match": X.minerva_exact_match(text, X.minerva_gold(solution)),
+                "math_verify": X.math_verify_whole(text, solution)}

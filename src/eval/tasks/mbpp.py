@@ -22,7 +22,8 @@ pass there).  ``challenge_test_list`` is not used.
 
 Post-processing (``postprocess``): ``sanitize`` (default) takes the code of a Markdown block
 if the model wrote one and keeps the definitions (:func:`eval.tasks.extract.sanitize_code`);
-``none`` runs the text before ``[DONE]`` as it is.
+``none`` runs the text before ``[DONE]`` as it is.  ``bos`` (``always`` | ``tokenizer``): how
+plain prompts get a BOS (:mod:`eval.tasks.prompting`; ``tokenizer`` is lm-eval's rule).
 """
 from __future__ import annotations
 
@@ -54,8 +55,9 @@ class MBPPTask(BenchmarkTask):
 
     def __init__(self, subset: str = "full", num_fewshot: int = 3, chat_template: bool = True,
                  fewshot_as_multiturn: bool = True, postprocess: str = "sanitize", timeout: float = 10.0,
-                 memory_mb: int = 2048, sandbox_strict: bool = False):
+                 memory_mb: int = 2048, sandbox_strict: bool = False, bos: str = "always"):
         check_choice("mbpp", "subset", subset, ("full", "sanitized"))
+        self.set_bos(bos)
         check_choice("mbpp", "num_fewshot", num_fewshot, (0, 1, 2, 3))
         check_choice("mbpp", "postprocess", postprocess, ("sanitize", "none"))
         self.subset, self.num_fewshot, self.postprocess = subset, num_fewshot, postprocess
@@ -66,7 +68,7 @@ class MBPPTask(BenchmarkTask):
     def variant(self) -> str:
         fmt = ("chat-multiturn" if self.multiturn and self.num_fewshot else "chat") if self.chat else "plain"
         post = X.SANITIZER if self.postprocess == "sanitize" else "raw"
-        return f"{self.subset}-{self.num_fewshot}shot-{fmt}-{post}"
+        return f"{self.subset}-{self.num_fewshot}shot-{fmt}-{post}{self.bos_suffix}"
 
     def _build_pool(self) -> list[Example]:
         if self.subset == "full":

@@ -7,12 +7,24 @@ lm-evaluation-harness's conventions, which the benchmark tasks follow:
 * chat (``chat_template: true``) with ``fewshot_as_multiturn: true``: one user turn per shot's
   text and one assistant turn per shot's target, then the question as the last user turn;
   with ``false``: the whole plain-text prompt as one user turn;
-* a ``gen_prefix`` (HumanEval instruct) is text the assistant's answer starts with: appended
-  after the generation prompt, so the model continues it.
+* a ``gen_prefix`` (HumanEval instruct) is text the assistant's answer starts with.  Chat: it is
+  a final assistant message that the template renders with ``add_generation_prompt=False,
+  continue_final_message=True`` (lm-eval's construction, as its HF model applies it), so the model
+  continues that message exactly as the template writes it (a template that trims message
+  content trims the prefix too); plain text: appended to the prompt.
 
-Tokenization: chat prompts are rendered by the tokenizer's own chat template (which adds any
-BOS itself) and tokenized without adding special tokens; plain prompts get the tokenizer's BOS
-(when it has one) in front, never twice.
+Tokenization (``bos``, a task option):
+
+``always`` (default)
+    chat prompts are rendered by the tokenizer's own chat template (which adds any BOS itself)
+    and tokenized without adding special tokens; plain prompts get the tokenizer's BOS (when it
+    has one) in front, never twice.
+``tokenizer`` (lm-eval's behaviour)
+    lm-eval leaves BOS to the model; its HF model tokenizes the rendered prompt with the
+    tokenizer's default special tokens, except that a prompt already starting with the BOS
+    string gets none added (:func:`encode_like_lmeval`).  For LLaDA, Dream and the tiny model
+    the default adds nothing, so plain prompts carry no BOS there; chat prompts are the same
+    token ids under both rules.
 """
 from __future__ import annotations
 
@@ -21,7 +33,32 @@ from typing import Optional, Sequence
 
 from .base import Example, select
 
-__all__ = ["Shot", "Prompt", "fewshot_text", "fewshot_prompt", "BenchmarkTask", "check_choice"]
+__all__ = ["Shot", "Prompt", "fewshot_text", "fewshot_prompt", "BenchmarkTask", "check_choice", "BOS_RULES",
+           "encode_like_lmeval", "render_chat"]
+
+BOS_RULES = ("always", "tokenizer")
+
+
+def render_chat(tokenizer, messages, gen_prefix: str = "") -> str:
+    """Chat ``messages`` through the tokenizer's template, ready for the answer: with a
+    ``gen_prefix``, as a final assistant message the model continues (lm-eval's construction)."""
+    msgs = list(messages)
+    if gen_prefix:
+        return tokenizer.apply_chat_template(msgs + [{"role": "assistant", "content": gen_prefix}], tokenize=False,
+                                             add_generation_prompt=False, continue_final_message=True)
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def encode_like_lmeval(tokenizer, text: str, add_bos_token: Optional[bool] = None) -> list[int]:
+    """Token ids of a rendered prompt as lm-eval's HF model makes them: ``add_bos_token`` None
+    uses the tokenizer's default special tokens, unless ``text`` already starts with the BOS
+    string (then none); True / False force them on / off."""
+    if add_bos_token is None:
+        bos = getattr(tokenizer, "bos_token", None)
+        add = not (isinstance(bos, str) and bos and text.startswith(bos))
+    else:
+        add = bool(add_bos_token)
+    return list(tokenizer.encode(text, add_special_tokens=add))
 
 
 @dataclass(frozen=True)
@@ -43,12 +80,14 @@ class Prompt:
         if self.messages is not None:
             if tokenizer is None:
                 raise ValueError("a chat prompt needs a tokenizer (its chat template) to render")
-            body = tokenizer.apply_chat_template(list(self.messages), tokenize=False, add_generation_prompt=True)
-        else:
-            body = self.text
-        return body + self.gen_prefix
+            return render_chat(tokenizer, self.messages, self.gen_prefix)
+        return self.text + self.gen_prefix
 
-    def encode(self, tokenizer) -> list[int]:
+    def encode(self, tokenizer, bos: str = "always") -> list[int]:
+        """Token ids (``bos``: one of :data:`BOS_RULES`, see the module docstring)."""
+        check_choice("prompt", "bos", bos, BOS_RULES)
+        if bos == "tokenizer":
+            return encode_like_lmeval(tokenizer, self.render(tokenizer))
         ids = list(tokenizer.encode(self.render(tokenizer), add_special_tokens=False))
         bos = getattr(tokenizer, "bos_token_id", None)
         if self.messages is None and bos is not None and ids[:1] != [bos]:
@@ -89,6 +128,7 @@ class BenchmarkTask:
 
     name: str
     version: str
+    bos: str = "always"  # one of BOS_RULES (a task option where the task takes one)
     _pool_cache: Optional[list[Example]] = None
 
     def _build_pool(self) -> list[Example]:
@@ -106,7 +146,16 @@ class BenchmarkTask:
         raise NotImplementedError
 
     def build_prompt(self, tokenizer, example: Example) -> list[int]:
-        return self.prompt(example).encode(tokenizer)
+        return self.prompt(example).encode(tokenizer, self.bos)
+
+    def set_bos(self, bos: str) -> None:
+        check_choice(self.name, "bos", bos, BOS_RULES)
+        self.bos = bos
+
+    @property
+    def bos_suffix(self) -> str:
+        """What the task's ``variant`` string gains for a non-default ``bos`` rule."""
+        return "" if self.bos == "always" else f"-bos_{self.bos}"
 
     @property
     def variant(self) -> str:
