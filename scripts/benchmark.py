@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 TARGET = "asynclane"
-PREFERRED_ORDER = ["blockwise", "dream", "fast_dllm", "dparallel", "d3llm", "asynclane"]
+PREFERRED_ORDER = ["blockwise", "dream", "fast_dllm", "dparallel", "d3llm", "localleap", "adablock", "learn2pd", "dico",
+                   "streaming_dllm", "window_diffusion", "freedave", "freedave_pp", "asynclane"]
 ABLATION_SWITCHES = ("lane_batching", "draft_reuse", "cascade", "compact_refresh", "speculate")
 DEFAULT_THRESHOLDS = "0.5,0.7,0.9,0.95"
 
