@@ -15,6 +15,8 @@ def sampler_node(name: str) -> dict:
     """The config of sampler ``name`` as Hydra composes it: its name, the top-level gen_length, defaults."""
     from asynclane.sampler import REGISTRY
 
+    sampler_names()  # registers every sampler (whatever the caller imported first)
+
     node = {"name": name, "gen_length": "${gen_length}"}
     for f in dataclasses.fields(REGISTRY[name].Config):
         if f.name == "gen_length":
