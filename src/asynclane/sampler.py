@@ -19,7 +19,7 @@ from typing import Any, Callable, ClassVar, Optional, Protocol, Sequence, runtim
 
 import torch
 
-__all__ = ["delimiter_set", "SamplerConfig", "Generation", "Sampler", "BaseSampler", "register", "REGISTRY", "build_sampler",
+__all__ = ["delimiter_set", "block_steps", "SamplerConfig", "Generation", "Sampler", "BaseSampler", "register", "REGISTRY", "build_sampler",
            "finish", "read_host", "left_pad", "init_buffer", "padding_mask", "first_eos_cut", "check_block_length"]
 
 
@@ -43,6 +43,19 @@ def check_block_length(block_length: int, gen_length: int) -> None:
         valid = [d for d in range(1, gen_length + 1) if gen_length % d == 0]
         raise ValueError(f"block_length={block_length} must divide gen_length={gen_length}; "
                          f"valid block lengths: {valid}")
+
+
+def block_steps(steps: Optional[int], block_length: int, gen_length: int) -> int:
+    """Forwards per semi-AR block for ``steps`` in all (None = ``gen_length``: one token per step),
+    LLaDA's schedule; a one-line ValueError unless ``steps`` is a positive multiple of the blocks."""
+    blocks = gen_length // block_length
+    if steps is None:
+        return gen_length // blocks
+    if isinstance(steps, bool) or steps <= 0 or steps % blocks:
+        raise ValueError(f"steps={steps} must be a positive multiple of the number of blocks ({blocks} = "
+                         f"gen_length {gen_length} / block_length {block_length}), e.g. {blocks}, {2 * blocks} "
+                         f"or {gen_length}; or null for steps = gen_length (one token per step)")
+    return steps // blocks
 
 
 @dataclass

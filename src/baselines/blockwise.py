@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from asynclane import rules
-from asynclane.sampler import BaseSampler, Generation, SamplerConfig, check_block_length, finish, init_buffer, padding_mask, register
+from asynclane.sampler import BaseSampler, Generation, SamplerConfig, block_steps, check_block_length, finish, init_buffer, padding_mask, register
 
 
 # --------------------------------------------------------------------------- rules only blockwise uses
@@ -64,11 +64,7 @@ class BlockwiseConfig(SamplerConfig):
         if self.remasking not in REMASKING:
             raise ValueError(f"remasking={self.remasking!r} is not one of {', '.join(REMASKING)}")
         check_block_length(self.block_length, self.gen_length)
-        if self.steps is not None and (self.steps <= 0 or self.steps % self.num_blocks):
-            raise ValueError(f"steps={self.steps} must be a positive multiple of the number of blocks "
-                             f"({self.num_blocks} = gen_length {self.gen_length} / block_length "
-                             f"{self.block_length}), e.g. {self.num_blocks}, {2 * self.num_blocks} or "
-                             f"{self.gen_length}; or null for steps = gen_length")
+        block_steps(self.steps, self.block_length, self.gen_length)
 
     @property
     def num_blocks(self) -> int:
@@ -76,7 +72,7 @@ class BlockwiseConfig(SamplerConfig):
 
     @property
     def steps_per_block(self) -> int:
-        return (self.gen_length if self.steps is None else self.steps) // self.num_blocks
+        return block_steps(self.steps, self.block_length, self.gen_length)
 
 
 @register("blockwise")

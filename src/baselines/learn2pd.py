@@ -29,7 +29,7 @@ import torch
 
 from asynclane import rules
 from asynclane.loading import TINY_DIR
-from asynclane.sampler import BaseSampler, Generation, SamplerConfig, check_block_length, finish, init_buffer, padding_mask, read_host, register
+from asynclane.sampler import BaseSampler, Generation, SamplerConfig, block_steps, check_block_length, finish, init_buffer, padding_mask, read_host, register
 from baselines.blockwise import uniform_transfer_counts
 
 FILTER_FORMAT = "learn2pd-filter/1"
@@ -216,10 +216,7 @@ class Learn2PDConfig(SamplerConfig):
     def __post_init__(self):
         super().__post_init__()
         check_block_length(self.block_length, self.gen_length)
-        if self.steps is not None and (isinstance(self.steps, bool) or self.steps <= 0 or self.steps % self.num_blocks):
-            raise ValueError(f"steps={self.steps} must be a positive multiple of the number of blocks "
-                             f"({self.num_blocks} = gen_length {self.gen_length} / block_length {self.block_length}), "
-                             f"e.g. {self.num_blocks} or {self.gen_length}; or null for steps = gen_length (the paper)")
+        block_steps(self.steps, self.block_length, self.gen_length)
         if self.eotp_tail not in EOTP_TAILS:
             raise ValueError(f"eotp_tail={self.eotp_tail!r} is not one of {', '.join(EOTP_TAILS)}")
         t = self.accept_threshold
@@ -234,12 +231,8 @@ class Learn2PDConfig(SamplerConfig):
                              f"{self.block_length}")
 
     @property
-    def num_blocks(self) -> int:
-        return self.gen_length // self.block_length
-
-    @property
     def steps_per_block(self) -> int:
-        return (self.gen_length if self.steps is None else self.steps) // self.num_blocks
+        return block_steps(self.steps, self.block_length, self.gen_length)
 
     def threshold_for(self, family: str) -> float:
         return THRESHOLD[family] if self.accept_threshold is None else float(self.accept_threshold)

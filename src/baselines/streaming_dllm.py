@@ -93,7 +93,8 @@ class StreamingDllmSampler(BaseSampler):
     @torch.no_grad()
     def generate(self, backbone, prompts: Sequence[Sequence[int]], rng: torch.Generator) -> Generation:
         cfg, spec = self.cfg, backbone.spec
-        first_only = spec.family == "dream"  # the reference's Dream path (module docstring)
+        # the reference's Dream path (module docstring): every block step reads the prefix cache
+        first_only = rules.dream_first_token_after_refresh(None, spec.family, cached=True)
         x, key_mask, _, P = init_buffer(backbone, prompts, cfg.gen_length)
         S, Lb = x.shape[1], cfg.block_length
         # slot == column and the cache's positions table: a call on a column subset keeps original positions
