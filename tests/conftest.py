@@ -39,3 +39,24 @@ def torch_threads(request):
         yield request.param
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The embedded tiny model (loaded once per session; samplers never modify a backbone)."""
+    from asynclane.loading import load_backbone
+
+    return load_backbone()
+
+
+@pytest.fixture(scope="session")
+def tiny_prompts(tiny):
+    """``tiny_prompts(task, idx)``: the embedded model's chat prompt ids of held-out synthetic problems."""
+    from asynclane.tiny_tokenizer import chat_prompt_ids
+    from eval.tasks import synthetic
+
+    def build(task: str, idx) -> list[list[int]]:
+        probs = synthetic.test_problems(task)
+        return [chat_prompt_ids(tiny.tokenizer, probs[i].prompt) for i in idx]
+
+    return build

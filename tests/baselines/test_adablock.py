@@ -18,7 +18,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asynclane.loading import load_backbone
 from asynclane.sampler import build_sampler, delimiter_set, first_eos_cut
 from asynclane.testing import LogitsHook, random_backbone, random_prompts, run_counted
 from asynclane.testing.reference import ReferenceModel
@@ -242,11 +241,6 @@ def test_a_window_wider_than_the_block_falls_back_to_fixed_blocks(backbone, cach
     out, _ = _run(backbone, prompts, gen_length=64, block_length=8, cache=cache, delimiter_threshold=1.5,
                   delimiter_ids=list(range(backbone.spec.vocab_size)))
     assert out.info["block_lengths"] == [8] * 8 and (out.tokens != backbone.spec.mask_id).all()
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_backbone()
 
 
 def _prompt(tiny, task, i):

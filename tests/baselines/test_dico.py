@@ -12,31 +12,18 @@ import pytest
 import torch
 
 from asynclane import rules
-from asynclane.loading import load_backbone
 from asynclane.sampler import build_sampler
 from asynclane.testing import LogitsHook, random_prompts, run_counted
-from asynclane.tiny_tokenizer import chat_prompt_ids
 from baselines.dico import (DiCoConfig, conquer, divide_and_conquer, divide_score, final_size, finalize_commit,
                             grow_clusters, proposal_margin, select_seeds, soft_nms, stability_weight,
                             trajectory_weight)
 from baselines.fast_dllm import commit_factor
-from eval.tasks import synthetic
 
 INF = float("inf")
 
 
 def _run(bb, prompts, seed=0, **opts):
     return run_counted("dico", bb, prompts, seed, **opts)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_backbone()
-
-
-def _tiny_prompts(tiny, task, idx):
-    probs = synthetic.test_problems(task)
-    return [chat_prompt_ids(tiny.tokenizer, probs[i].prompt) for i in idx]
 
 
 def _runs(labels_row):
@@ -395,8 +382,8 @@ def test_all_finalize_without_margin_is_one_token_per_step_fast_dllm(backbone, t
 
 
 @pytest.mark.parametrize("task", ["arith", "listops"])
-def test_every_mask_is_decoded_on_the_embedded_model(tiny, task):
-    prompts = _tiny_prompts(tiny, task, (0, 1, 2))
+def test_every_mask_is_decoded_on_the_embedded_model(tiny, task, tiny_prompts):
+    prompts = tiny_prompts(task, (0, 1, 2))
     for gen_length, block in [(64, None), (128, None), (128, 32)]:
         out, counter = _run(tiny, prompts, gen_length=gen_length, block_length=block)
         assert not (out.tokens == tiny.spec.mask_id).any() and 1 <= counter.nfe <= gen_length
@@ -440,10 +427,10 @@ def _replay(bb, out, calls, cfg):
 
 
 @pytest.mark.parametrize("task,gen_length,block", [("arith", 64, None), ("listops", 128, None), ("arith", 128, 64)])
-def test_every_step_commits_exactly_the_rules_on_the_embedded_model(tiny, task, gen_length, block):
+def test_every_step_commits_exactly_the_rules_on_the_embedded_model(tiny, task, gen_length, block, tiny_prompts):
     """Each step's commits equal the pure rules on that step's logits (phase chosen per row by its mask
     count); both phases occur, and Conquer commits more than its seeds (the rules are not vacuous)."""
-    prompts = _tiny_prompts(tiny, task, (0, 1, 3))
+    prompts = tiny_prompts(task, (0, 1, 3))
     cfg = DiCoConfig(gen_length=gen_length, block_length=block)
     rec = _Recorder(tiny)
     out = build_sampler("dico", gen_length=gen_length, block_length=block).generate(rec, prompts, torch.Generator())

@@ -13,7 +13,6 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from asynclane.counting import CountingBackbone
-from asynclane.loading import load_backbone
 from asynclane.sampler import build_sampler, first_eos_cut
 from asynclane.testing import LogitsHook, random_prompts, run_counted
 from asynclane.tiny_tokenizer import chat_prompt_ids
@@ -231,11 +230,6 @@ def _tiny_runs(tiny, problems):
         b, nb = _run_built(bw, tiny, prompts)
         out[task, i] = (a, b, na, nb, prompts)
     return out
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_backbone()
 
 
 @pytest.fixture(scope="module")

@@ -56,16 +56,6 @@ def _random_filter(path, bb, block_length, seed=0, bias=2.0):
     return str(save_filter(path, *w, model=model_signature(bb)))
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_backbone()
-
-
-def _tiny_prompts(tiny, task, idx):
-    probs = synthetic.test_problems(task)
-    return [chat_prompt_ids(tiny.tokenizer, probs[i].prompt) for i in idx]
-
-
 # --- transcription of generate_l2p_eot / generate_learn2parallel (T = 0, batch 1) ---------------
 
 class _RefSmallModel(torch.nn.Module):
@@ -164,8 +154,8 @@ def test_matches_reference_on_random_backbones(backbone, tmp_path, gen_length, b
 
 
 @pytest.mark.parametrize("task", ["arith", "listops"])
-def test_matches_reference_on_the_embedded_model(tiny, task):
-    for prompt in _tiny_prompts(tiny, task, [0, 1]):
+def test_matches_reference_on_the_embedded_model(tiny, task, tiny_prompts):
+    for prompt in tiny_prompts(task, [0, 1]):
         for gen_length in (64, 128):
             out, c = _check_against_reference(_Hook(tiny), prompt, gen_length, 32, str(DEFAULT_FILTER), 0.96, True)
             assert c.nfe < gen_length / 4 and out.info["eotp_cuts"][0]
@@ -184,8 +174,8 @@ def test_accepting_nothing_without_eotp_is_blockwise(backbone, tmp_path, gen_len
     assert torch.equal(ours.sequences, ref.sequences) and c1.nfe == c2.nfe == gen_length
 
 
-def test_accepting_nothing_without_eotp_is_blockwise_on_the_embedded_model(tiny):
-    prompts = _tiny_prompts(tiny, "arith", [2]) + _tiny_prompts(tiny, "listops", [2])
+def test_accepting_nothing_without_eotp_is_blockwise_on_the_embedded_model(tiny, tiny_prompts):
+    prompts = tiny_prompts("arith", [2]) + tiny_prompts("listops", [2])
     ours, c1 = run_counted("learn2pd", tiny, prompts, gen_length=64, accept_threshold=1.0, eotp=False)
     ref, c2 = run_counted("blockwise", tiny, prompts, gen_length=64)
     assert torch.equal(ours.sequences, ref.sequences) and c1.nfe == c2.nfe == 64
@@ -262,10 +252,10 @@ def test_signature_matches_the_same_weights_in_bf16(tiny):
     assert signature_mismatch(model_signature(half), load_filter(None).model) is None
 
 
-def test_trained_filter_beats_a_constant_filter_on_fresh_labels(tiny):
+def test_trained_filter_beats_a_constant_filter_on_fresh_labels(tiny, tiny_prompts):
     """Labels built now, as the training script builds them, from held-out evaluation problems (the
     filter was trained on the tasks' training pool only)."""
-    prompts = _tiny_prompts(tiny, "arith", [10, 11, 12]) + _tiny_prompts(tiny, "listops", [10, 11, 12])
+    prompts = tiny_prompts("arith", [10, 11, 12]) + tiny_prompts("listops", [10, 11, 12])
     answers, vanilla = TRAIN.reference_answers(tiny, prompts, 64, 32, batch=6)
     egp = TRAIN.egp_rows(tiny, prompts, answers, 64, 32, batch=6)
     rows = {k: torch.cat([vanilla[k], egp[k]]) for k in vanilla}
@@ -297,8 +287,8 @@ def test_eotp_never_cuts_into_a_correct_answer(tiny, tail):
     assert cuts >= 6
 
 
-def test_eotp_tail_drop_forwards_less_than_eos(tiny):
-    prompts = _tiny_prompts(tiny, "arith", [0])
+def test_eotp_tail_drop_forwards_less_than_eos(tiny, tiny_prompts):
+    prompts = tiny_prompts("arith", [0])
     drop, cd = run_counted("learn2pd", tiny, prompts, gen_length=128, eotp_tail="drop")
     eos, ce = run_counted("learn2pd", tiny, prompts, gen_length=128, eotp_tail="eos")
     S = len(prompts[0]) + 128
@@ -309,8 +299,8 @@ def test_eotp_tail_drop_forwards_less_than_eos(tiny):
 
 
 @pytest.mark.parametrize("tail", ["drop", "eos"])
-def test_batch_equals_singles_on_the_embedded_model(tiny, tail):
-    prompts = _tiny_prompts(tiny, "arith", [3, 4]) + _tiny_prompts(tiny, "listops", [3])
+def test_batch_equals_singles_on_the_embedded_model(tiny, tail, tiny_prompts):
+    prompts = tiny_prompts("arith", [3, 4]) + tiny_prompts("listops", [3])
     assert len({len(p) for p in prompts}) > 1  # left padding in the batch
     batch = build_sampler("learn2pd", gen_length=64, eotp_tail=tail).generate(tiny, prompts, torch.Generator())
     for r, prompt in enumerate(prompts):
@@ -378,10 +368,10 @@ def test_wrong_block_length_is_a_clear_error(tmp_path, llada):
     assert Learn2PDConfig(filter_path=path, block_length=16).block_length == 16
 
 
-def test_wrong_model_is_a_clear_error(tiny, tmp_path, llada):
+def test_wrong_model_is_a_clear_error(tiny, tmp_path, llada, tiny_prompts):
     filt = load_filter(None)
     w = (filt.w1, filt.b1, filt.w2, filt.b2)
-    prompts = _tiny_prompts(tiny, "arith", [0])
+    prompts = tiny_prompts("arith", [0])
     other = save_filter(tmp_path / "other.json", *w, model=model_signature(llada))  # another model's filter
     _one_line_error(lambda: build_sampler("learn2pd", filter_path=str(other)).generate(tiny, prompts, torch.Generator()),
                     "trained on model", "vocab_size")
@@ -428,8 +418,8 @@ def test_config_validation(opts, match):
         Learn2PDConfig(**opts)
 
 
-def test_steps_sets_the_forced_quota(tiny):
-    prompts = _tiny_prompts(tiny, "arith", [5])
+def test_steps_sets_the_forced_quota(tiny, tiny_prompts):
+    prompts = tiny_prompts("arith", [5])
     out, c = run_counted("learn2pd", tiny, prompts, gen_length=64, steps=4, accept_threshold=1.0, eotp=False)
     assert c.nfe == 4 and not (out.tokens == tiny.spec.mask_id).any()
     assert first_eos_cut(out.tokens, tiny.spec.eos_ids)[0]

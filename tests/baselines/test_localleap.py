@@ -9,12 +9,9 @@ import pytest
 import torch
 
 from asynclane import rules
-from asynclane.loading import load_backbone
 from asynclane.sampler import build_sampler, first_eos_cut
 from asynclane.testing import LogitsHook, random_prompts, run_counted
-from asynclane.tiny_tokenizer import chat_prompt_ids
 from baselines.localleap import LocalLeapConfig, commit_local_leap, near_anchors
-from eval.tasks import synthetic
 
 INF = float("inf")
 PAPER = dict(threshold=0.9, relaxed_threshold=0.75, radius=4)
@@ -26,16 +23,6 @@ def _run(bb, prompts, seed=0, **opts):
 
 def _fast(bb, prompts, seed=0, **opts):
     return run_counted("fast_dllm", bb, prompts, seed, cache="none", **opts)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_backbone()
-
-
-def _tiny_prompts(tiny, task, idx):
-    probs = synthetic.test_problems(task)
-    return [chat_prompt_ids(tiny.tokenizer, probs[i].prompt) for i in idx]
 
 
 # --- the rule on hand-made confidences ---------------------------------------------------------
@@ -161,8 +148,8 @@ def test_relaxed_equal_to_strict_is_fast_dllm_without_cache(backbone, gen_length
 
 
 @pytest.mark.parametrize("task,idx", [("arith", (0, 1, 2)), ("listops", (0, 1, 2))])
-def test_relaxed_equal_to_strict_is_fast_dllm_on_the_embedded_model(tiny, task, idx):
-    prompts = _tiny_prompts(tiny, task, idx)
+def test_relaxed_equal_to_strict_is_fast_dllm_on_the_embedded_model(tiny, task, idx, tiny_prompts):
+    prompts = tiny_prompts(task, idx)
     for gen_length in (64, 128):
         opts = dict(gen_length=gen_length, block_length=32, threshold=0.9)
         ours, c_ours = _run(tiny, prompts, relaxed_threshold=0.9, **opts)
@@ -182,10 +169,10 @@ class _Recorder(LogitsHook):
         return logits
 
 
-def test_every_step_commits_exactly_the_rule_on_the_embedded_model(tiny):
+def test_every_step_commits_exactly_the_rule_on_the_embedded_model(tiny, tiny_prompts):
     """Each step's commits equal ``commit_local_leap`` of that step's logits, and on real answers the
     relaxed window commits tokens the strict rule would have left (the rule is not vacuous here)."""
-    prompts = _tiny_prompts(tiny, "arith", (0, 1))
+    prompts = tiny_prompts("arith", (0, 1))
     rec = _Recorder(tiny)
     out = build_sampler("localleap", gen_length=64, **PAPER).generate(rec, prompts, torch.Generator())
     mask = tiny.spec.mask_id

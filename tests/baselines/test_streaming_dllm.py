@@ -22,12 +22,9 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from asynclane import rules
-from asynclane.loading import load_backbone
 from asynclane.sampler import build_sampler, first_eos_cut
 from asynclane.testing import LogitsHook, random_prompts, run_counted
-from asynclane.tiny_tokenizer import chat_prompt_ids
 from baselines.streaming_dllm import StreamingDllmConfig, call_columns, decayed_threshold, kept_suffix
-from eval.tasks import synthetic
 
 OFF = dict(prune=False, decay=False, early_exit=False)
 
@@ -38,16 +35,6 @@ def _run(bb, prompts, seed=0, **opts):
 
 def _fast(bb, prompts, seed=0, **opts):
     return run_counted("fast_dllm", bb, prompts, seed, cache="prefix", **opts)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_backbone()
-
-
-def _tiny_prompts(tiny, task, idx):
-    probs = synthetic.test_problems(task)
-    return [chat_prompt_ids(tiny.tokenizer, probs[i].prompt) for i in idx]
 
 
 class _EosAt(LogitsHook):
@@ -251,10 +238,10 @@ def test_matches_reference(backbone, gen_length, block_length, window, alpha, ke
         assert out.finished.all() and (out.tokens[:, (14 // block_length + 1) * block_length:] == spec.eos_id).all()
 
 
-def test_matches_reference_on_the_embedded_model(tiny):
+def test_matches_reference_on_the_embedded_model(tiny, tiny_prompts):
     spec = tiny.spec
     for task in ("arith", "listops"):
-        prompt = _tiny_prompts(tiny, task, (0,))
+        prompt = tiny_prompts(task, (0,))
         for gen_length, window, alpha in ((64, 32, 0.3), (128, 32, 0.6)):
             out, counting = _run(tiny, prompt, gen_length=gen_length, window=window, alpha=alpha)
             ref = _RefModel(tiny, len(prompt[0]) + gen_length)
@@ -276,8 +263,8 @@ def test_all_off_is_fast_dllm_prefix(backbone, gen_length, block_length, thresho
 
 
 @pytest.mark.parametrize("task,idx", [("arith", (0, 1, 2)), ("listops", (0, 1, 2))])
-def test_all_off_is_fast_dllm_prefix_on_the_embedded_model(tiny, task, idx):
-    prompts = _tiny_prompts(tiny, task, idx)
+def test_all_off_is_fast_dllm_prefix_on_the_embedded_model(tiny, task, idx, tiny_prompts):
+    prompts = tiny_prompts(task, idx)
     for gen_length in (64, 128):
         opts = dict(gen_length=gen_length, block_length=32, threshold=0.9)
         ours, c_ours = _run(tiny, prompts, **OFF, **opts)
@@ -310,8 +297,8 @@ def test_fewer_token_forwards_than_fast_dllm_prefix(backbone):
 
 
 @pytest.mark.parametrize("task", ["arith", "listops"])
-def test_fewer_token_forwards_on_the_embedded_model(tiny, task):
-    prompts = _tiny_prompts(tiny, task, (0, 1, 2))
+def test_fewer_token_forwards_on_the_embedded_model(tiny, task, tiny_prompts):
+    prompts = tiny_prompts(task, (0, 1, 2))
     # at gen 64 the default window (32) keeps the whole suffix of block 1: a smaller one prunes there
     for gen_length, window in ((64, 16), (128, 32)):
         for p in prompts:  # batch 1, as the paper runs
@@ -394,11 +381,11 @@ def test_decayed_threshold_formula():
     assert torch.allclose(decayed_threshold(0.9, 0.4, r), torch.tensor([[0.9], [0.72]], dtype=torch.float64))
 
 
-def test_every_step_commits_at_the_decayed_threshold_on_the_embedded_model(tiny):
+def test_every_step_commits_at_the_decayed_threshold_on_the_embedded_model(tiny, tiny_prompts):
     """Replay: each later step commits exactly the threshold rule at tau = t0 (1 - a (1 - r)), r = masks in
     block + kept suffix over their size, before the step; the block's first call uses t0; and the decay
     commits tokens that t0 alone would have left."""
-    prompts = _tiny_prompts(tiny, "arith", (0, 1, 2, 3))
+    prompts = tiny_prompts("arith", (0, 1, 2, 3))
     mask, t0, alpha, w = tiny.spec.mask_id, 0.9, 0.6, 32
     below = 0
     for p in prompts:

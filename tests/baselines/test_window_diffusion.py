@@ -20,7 +20,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from asynclane.loading import load_backbone
 from asynclane.sampler import build_sampler
 from asynclane.testing import LogitsHook, random_backbone, random_prompts, run_counted
 from asynclane.tiny_tokenizer import chat_prompt_ids
@@ -418,11 +417,6 @@ def test_full_windows_on_a_one_layer_model_equal_blockwise_between_refreshes(ref
 
 
 # --- the embedded model -------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny():
-    return load_backbone()
-
 
 def _tiny_prompt(tiny, task="arith", i=2):
     return chat_prompt_ids(tiny.tokenizer, synthetic.test_problems(task)[i].prompt)
