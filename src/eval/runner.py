@@ -60,6 +60,7 @@ from asynclane.sampler import first_eos_cut
 from .cli import UsageError, check_keys, check_output_dir, preset
 from .rows import SAMPLES, SUMMARY, TRACES, Appender, read_rows, summarize, write_rows
 from .tasks import build_task
+from .tasks.sources import SOURCE_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,8 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict:
     model = conf["model"]
     with _checkpoint_errors(model):  # the weights' identity is part of the fingerprint: rows from
         model["checkpoint_id"] = checkpoint_id(model.get("path") or TINY_DIR)  # other weights never resume
-    fingerprint = _fingerprint(conf)
+    data_source = task.provenance() if hasattr(task, "provenance") else None  # hf: loads the records
+    fingerprint = _fingerprint(conf, data_source)
     seed = int(conf["seed"])
     random.seed(seed)
     torch.manual_seed(seed)
@@ -141,6 +143,8 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict:
                   "sampler": sampler_name, "sampler_options": options,
                   "model": model["name"], "gen_length": sampler.cfg.gen_length, "seed": seed,
                   "batch_size": bs, "fingerprint": fingerprint, "threads": threads}
+        if data_source is not None:
+            common["data_source"] = data_source
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
@@ -158,6 +162,8 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict:
     summary.update(sampler=sampler_name, task=task.name, task_version=task.version,
                    task_variant=getattr(task, "variant", ""), model=conf["model"]["name"],
                    fingerprint=fingerprint, config=conf)
+    if data_source is not None:
+        summary["data_source"] = data_source
     if warnings:
         summary["warnings"] = warnings
     (out_dir / SUMMARY).write_text(json.dumps(summary, indent=1, default=str) + "\n")
@@ -431,9 +437,16 @@ def _build_sampler(sampler_conf: dict):
         raise UsageError(str(e)) from None
 
 
-def _fingerprint(conf: dict) -> str:
+def _fingerprint(conf: dict, data_source: Optional[dict] = None) -> str:
+    """The identity of a run's rows.  Data: shipped files are the task's version (their sha256 is
+    checked on load), so their rows keep the fingerprint they had before the source options existed;
+    another source adds the sha256 of the records' content (a moving hub branch never resumes)."""
     key = {k: conf.get(k) for k in FINGERPRINT_KEYS}
     key["task"] = {k: v for k, v in key["task"].items() if k not in SELECTION_KEYS}
+    if data_source is None or data_source.get("source") == "shipped":
+        key["task"] = {k: v for k, v in key["task"].items() if k not in SOURCE_OPTIONS}
+    else:
+        key["data_sha256"] = data_source["sha256"]
     key["model"] = {k: v for k, v in key["model"].items() if k not in MODEL_INFO_KEYS}
     if not key["model"].get("compile"):  # eager rows keep the fingerprint they had before the key existed;
         key["model"] = {k: v for k, v in key["model"].items() if k != "compile"}  # compiled rows differ

@@ -27,7 +27,6 @@ from functools import lru_cache
 
 from . import extract as X
 from .base import Example, register_task
-from .datafiles import load_records
 from .prompting import BenchmarkTask, Prompt, Shot, check_choice, fewshot_prompt
 
 __all__ = ["GSM8KTask", "VARIANTS", "fewshot_indices"]
@@ -56,8 +55,9 @@ class GSM8KTask(BenchmarkTask):
 
     def __init__(self, variant: str = "fewshot", num_fewshot=None, fewshot_seed: int = 1234,
                  chat_template: bool = True, fewshot_as_multiturn: bool = True, primary: str = "strict",
-                 bos: str = "always"):
+                 bos: str = "always", **source):
         check_choice("gsm8k", "variant", variant, tuple(VARIANTS))
+        self.set_source(source, {"test": "gsm8k/test.jsonl", "fewshot": "gsm8k/train.jsonl"})
         self.set_bos(bos)
         check_choice("gsm8k", "primary", primary, ("strict", "flexible"))
         self.template, self.stops, self._strict, default_k = VARIANTS[variant]
@@ -73,7 +73,7 @@ class GSM8KTask(BenchmarkTask):
         return f"{self.variant_name}-{self.num_fewshot}shot-{fmt}-{self.primary}{self.bos_suffix}"
 
     def _build_pool(self) -> list[Example]:
-        test = load_records("gsm8k/test.jsonl", FIELDS)
+        test = self.records("test", FIELDS)
         return [Example(id=f"gsm8k-{i:04d}", prompt=r["question"],
                         answer=r["answer"].split("#### ")[-1].strip(),
                         meta={"index": i, "reference": r["answer"]})
@@ -82,10 +82,13 @@ class GSM8KTask(BenchmarkTask):
     def shots(self, example: Example) -> list[Shot]:
         if not self.num_fewshot:
             return []
-        train = load_records("gsm8k/train.jsonl", FIELDS)
-        n_test = len(load_records("gsm8k/test.jsonl", FIELDS))
+        train = self.records("fewshot", FIELDS)
+        n_test = len(self.records("test", FIELDS))
         picks = fewshot_indices(self.fewshot_seed, self.num_fewshot, n_test, len(train))[example.meta["index"]]
         return [Shot(self.template.format(question=train[j]["question"]), train[j]["answer"]) for j in picks]
+
+    def data_roles(self) -> tuple:
+        return ("test", "fewshot") if self.num_fewshot else ("test",)
 
     def prompt(self, example: Example) -> Prompt:
         query = self.template.format(question=example.prompt)

@@ -41,7 +41,6 @@ from __future__ import annotations
 from .. import sandbox
 from . import extract as X
 from .base import Example, register_task
-from .datafiles import load_records
 from .prompting import BenchmarkTask, Prompt, check_choice
 
 __all__ = ["HumanEvalTask", "COMPLETION_STOPS", "INSTRUCTION", "GEN_PREFIX", "exec_flags"]
@@ -86,8 +85,9 @@ class HumanEvalTask(BenchmarkTask):
     version = "humaneval-v2"
 
     def __init__(self, variant: str = "instruct", postprocess: str = "sanitize", timeout: float = 10.0,
-                 memory_mb: int = 2048, sandbox_strict: bool = False, bos: str = "always"):
+                 memory_mb: int = 2048, sandbox_strict: bool = False, bos: str = "always", **source):
         check_choice("humaneval", "variant", variant, ("completion", "instruct"))
+        self.set_source(source, {"test": "humaneval/HumanEval.jsonl.gz"})
         check_choice("humaneval", "postprocess", postprocess, ("sanitize", "none"))
         self.variant_name, self.postprocess = variant, postprocess
         self.set_bos(bos)
@@ -98,7 +98,7 @@ class HumanEvalTask(BenchmarkTask):
         return f"{self.variant_name}-{X.SANITIZER if self.postprocess == 'sanitize' else 'raw'}{self.bos_suffix}"
 
     def _build_pool(self) -> list[Example]:
-        rows = load_records("humaneval/HumanEval.jsonl.gz", FIELDS)
+        rows = self.records("test", FIELDS)
         out = []
         for r in rows:
             n = int(r["task_id"].split("/")[-1])

@@ -32,7 +32,6 @@ from typing import Optional
 
 from . import extract as X
 from .base import Example, register_task
-from .datafiles import load_records
 from .prompting import BenchmarkTask, Prompt, Shot, check_choice, fewshot_prompt
 
 __all__ = ["Math500Task", "MINERVA_SHOTS", "ZEROSHOT_INSTRUCTION", "verify_answer"]
@@ -98,8 +97,9 @@ class Math500Task(BenchmarkTask):
     version = "math500-v2"
 
     def __init__(self, variant: str = "zeroshot", chat_template: bool = True, fewshot_as_multiturn: bool = True,
-                 bos: str = "always"):
+                 bos: str = "always", **source):
         check_choice("math500", "variant", variant, ("zeroshot", "minerva"))
+        self.set_source(source, {"test": "math500/test.jsonl"})
         self.variant_name, self.chat, self.multiturn = variant, bool(chat_template), bool(fewshot_as_multiturn)
         self.set_bos(bos)
         self.stops = MINERVA_STOPS if variant == "minerva" else ()
@@ -112,7 +112,7 @@ class Math500Task(BenchmarkTask):
         return f"{self.variant_name}-{fmt}{self.bos_suffix}"
 
     def _build_pool(self) -> list[Example]:
-        rows = load_records("math500/test.jsonl", FIELDS)
+        rows = self.records("test", FIELDS)
         return [Example(id=f"math500-{i:03d}", prompt=r["problem"], answer=r["answer"],
                         meta={"unique_id": r["unique_id"], "subject": r["subject"], "level": r["level"],
                               "solution": r["solution"]})

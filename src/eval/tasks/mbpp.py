@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from . import extract as X
 from .base import Example, register_task
-from .datafiles import load_records
 from .humaneval import code_sandbox, exec_flags, sandbox_preflight
 from .prompting import BenchmarkTask, Prompt, Shot, check_choice, fewshot_prompt
 
@@ -55,8 +54,12 @@ class MBPPTask(BenchmarkTask):
 
     def __init__(self, subset: str = "full", num_fewshot: int = 3, chat_template: bool = True,
                  fewshot_as_multiturn: bool = True, postprocess: str = "sanitize", timeout: float = 10.0,
-                 memory_mb: int = 2048, sandbox_strict: bool = False, bos: str = "always"):
+                 memory_mb: int = 2048, sandbox_strict: bool = False, bos: str = "always", **source):
         check_choice("mbpp", "subset", subset, ("full", "sanitized"))
+        # the shots are tasks 2-4 of the full file (of the hub dataset's `prompt` split)
+        test_file = "mbpp/mbpp.jsonl" if subset == "full" else "mbpp/sanitized-mbpp.json"
+        self.set_source(source, {"test": test_file, "fewshot": "mbpp/mbpp.jsonl"},
+                        "mbpp" if subset == "full" else "mbpp-sanitized")
         self.set_bos(bos)
         check_choice("mbpp", "num_fewshot", num_fewshot, (0, 1, 2, 3))
         check_choice("mbpp", "postprocess", postprocess, ("sanitize", "none"))
@@ -72,10 +75,10 @@ class MBPPTask(BenchmarkTask):
 
     def _build_pool(self) -> list[Example]:
         if self.subset == "full":
-            rows = [r for r in load_records("mbpp/mbpp.jsonl", FULL_FIELDS) if r["task_id"] in TEST_IDS]
+            rows = [r for r in self.records("test", FULL_FIELDS) if r["task_id"] in TEST_IDS]
             text_key, setup = "text", lambda r: r["test_setup_code"]
         else:
-            rows = [r for r in load_records("mbpp/sanitized-mbpp.json", SANITIZED_FIELDS) if r["task_id"] in TEST_IDS]
+            rows = [r for r in self.records("test", SANITIZED_FIELDS) if r["task_id"] in TEST_IDS]
             text_key, setup = "prompt", lambda r: "\n".join(r["test_imports"])
         return [Example(id=f"mbpp-{r['task_id']:03d}", prompt=doc_text(r[text_key], r["test_list"]),
                         answer="\n".join(r["test_list"]),
@@ -83,9 +86,18 @@ class MBPPTask(BenchmarkTask):
                 for r in sorted(rows, key=lambda r: r["task_id"])]
 
     def shots(self) -> list[Shot]:
-        full = {r["task_id"]: r for r in load_records("mbpp/mbpp.jsonl", FULL_FIELDS)}
+        if not self.num_fewshot:
+            return []
+        full = {r["task_id"]: r for r in self.records("fewshot", FULL_FIELDS)}
+        missing = [i for i in SHOT_IDS[: self.num_fewshot] if i not in full]
+        if missing:
+            raise ValueError(f"mbpp: the few-shot records lack task_id(s) {missing} (the shots are tasks "
+                             f"{', '.join(map(str, SHOT_IDS))}); set task.hf_fewshot_split or num_fewshot=0")
         return [Shot(doc_text(full[i]["text"], full[i]["test_list"]), full[i]["code"] + "\n[DONE]")
                 for i in SHOT_IDS[: self.num_fewshot]]
+
+    def data_roles(self) -> tuple:
+        return ("test", "fewshot") if self.num_fewshot else ("test",)
 
     def prompt(self, example: Example) -> Prompt:
         return fewshot_prompt(self.shots(), example.prompt, self.chat, self.multiturn, target_delimiter="")

@@ -28,10 +28,12 @@ Tokenization (``bos``, a task option):
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from .base import Example, select
+from .sources import HF_DEFAULTS, TaskData
 
 __all__ = ["Shot", "Prompt", "fewshot_text", "fewshot_prompt", "BenchmarkTask", "check_choice", "BOS_RULES",
            "encode_like_lmeval", "render_chat"]
@@ -147,6 +149,24 @@ class BenchmarkTask:
 
     def build_prompt(self, tokenizer, example: Example) -> list[int]:
         return self.prompt(example).encode(tokenizer, self.bos)
+
+    def set_source(self, options: dict, shipped: dict, hf_key: Optional[str] = None) -> None:
+        """Where the records come from (:mod:`eval.tasks.sources`): the task's ``source`` / ``hf_*``
+        options, its shipped file per role, and its canonical hub dataset (``HF_DEFAULTS[hf_key]``)."""
+        own = [p for p in inspect.signature(type(self).__init__).parameters if p not in ("self", "source")]
+        self.data = TaskData(self.name, shipped, HF_DEFAULTS[hf_key or self.name], options, own)
+
+    def records(self, role: str, fields) -> list[dict]:
+        """The records of ``role`` (``test`` | ``fewshot``) from the task's data source."""
+        return self.data.records(role, fields)
+
+    def provenance(self) -> dict:
+        """Where the evaluated data came from (every result row records it)."""
+        return self.data.provenance(self.data_roles())
+
+    def data_roles(self) -> tuple:
+        """The roles the task's prompts read (``fewshot`` too when shots come from the data)."""
+        return ("test",)
 
     def set_bos(self, bos: str) -> None:
         check_choice(self.name, "bos", bos, BOS_RULES)
