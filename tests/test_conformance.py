@@ -147,8 +147,10 @@ def test_at_most_two_host_syncs_per_model_call(case):
     """Bookkeeping stays on the device: a sampler reads the device at most twice per iteration (a
     handful more per generate call for its set-up and its output are allowed)."""
     counting = CountingBackbone(case.bb)
+    # a pooling sampler's rows run in threads, which a dispatch mode (thread-local) does not see: one prompt
+    prompts = case.prompts[-1:] if REGISTRY[case.name].pools_rows else case.prompts
     with OpCounter() as c:
-        build_sampler(case.name, gen_length=GEN).generate(counting, case.prompts, torch.Generator().manual_seed(0))
+        build_sampler(case.name, gen_length=GEN).generate(counting, prompts, torch.Generator().manual_seed(0))
     assert c.syncs <= SYNCS_PER_CALL * counting.nfe + 4, (
         f"{case.name}: {c.syncs} syncs in {counting.nfe} calls: "
         f"{ {k: v for k, v in c.ops.items() if k in SYNC_OPS} }")

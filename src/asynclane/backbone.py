@@ -226,7 +226,10 @@ class Transformer(nn.Module):
         to (B, heads, T, keys).  kv: None (keys are this call's tokens) or the cache's per-layer
         (R, S + 1, 2 n_kv, hd) tensors, of which slots [0, S) are attended.  write: how this call's
         K/V enter their slots first: ``("copy", idx)`` (idx (T,): the same slots in every row,
-        ``index_copy_``) or ``("put", rows, idx)`` (idx (B, T): per-row slots, ``index_put_``).
+        ``index_copy_``), ``("put", rows, idx)`` (idx (B, T): per-row slots, ``index_put_``) or
+        ``("rows", rows, idx, spread_to, spread_from)`` (call row i is cache row ``rows[i]`` (B,) and
+        attends that row only, its slots idx (B, T); after the layer cache rows ``spread_to`` (M,)
+        take the fresh K/V of call rows ``spread_from`` (M,) at those rows' slots; M may be 0).
         restore: put the overwritten slots back after the call (a read-only call).  spread: > 0 for
         a lane call: after the layer, rows 1..R-1 take row 0's fresh K/V (the cache keeps row 0).
         """
@@ -251,19 +254,31 @@ class Transformer(nn.Module):
                         saved = c.index_select(1, write[1])
                     target = c if c.shape[0] == B else c[:B]
                     target.index_copy_(1, write[1], fresh)
-                else:
+                    keys = c[:, :-1] if c.shape[0] == B else c[:B, :-1]
+                elif write[0] == "put":
                     if restore:
                         saved = c[write[1], write[2]]
                     c.index_put_((write[1], write[2]), fresh)
-                keys = c[:, :-1] if c.shape[0] == B else c[:B, :-1]
+                    keys = c[:, :-1] if c.shape[0] == B else c[:B, :-1]
+                else:  # "rows": each call row attends its own cache row (a gather: rows may be any subset)
+                    at = write[1][:, None].expand(B, T)
+                    if restore:
+                        saved = c[at, write[2]]
+                    c.index_put_((at, write[2]), fresh)
+                    keys = c.index_select(0, write[1])[:, :-1]
             k, v = keys[:, :, :Hkv].transpose(1, 2), keys[:, :, Hkv:].transpose(1, 2)
             att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
             if kv is not None:
                 if saved is not None:
                     if write[0] == "copy":
                         c.index_copy_(1, write[1], saved)
-                    else:
+                    elif write[0] == "put":
                         c.index_put_((write[1], write[2]), saved)
+                    else:
+                        c.index_put_((write[1][:, None].expand(B, T), write[2]), saved)
+                elif write[0] == "rows":
+                    to, frm = write[3], write[4]
+                    c.index_put_((to[:, None].expand(-1, T), write[2].index_select(0, frm)), fresh.index_select(0, frm))
                 elif spread:
                     c[1:].index_copy_(1, write[1], fresh[:1].expand(c.shape[0] - 1, -1, -1, -1))
             x = x + layer.o_proj(att.transpose(1, 2).reshape(B, T, d))
@@ -617,6 +632,50 @@ class Backbone:
         if isinstance(rows, slice):
             rows = torch.arange(n, device=dev)[rows]
         return call, rows
+
+    @torch.no_grad()
+    def step_rows(self, ids: torch.Tensor, cache: KVCache, rows: torch.Tensor, slots: torch.Tensor,
+                  real: torch.Tensor, predict: torch.Tensor, *, write: bool = True,
+                  spread: Optional[tuple] = None) -> torch.Tensor:
+        """A ragged decode call (the step of :mod:`asynclane.rowpool`): call row ``i`` is cache row
+        ``rows[i]``, processes the tokens ``ids[i]`` at the slots (== buffer columns) ``slots[i]`` and
+        attends that cache row's filled slots plus its own fresh K/V, as :meth:`step` does for a row.
+
+        ids, slots, real: (N, T); ``real`` False marks padding (its slot must be the sink, ``S``).
+        rows: (N,) cache rows, distinct.  predict: (N, P) indices into each row's T tokens.
+        write: keep the fresh K/V (and mark the slots filled with their tokens); False: read-only.
+        spread: ``(to, frm)`` (M,) each: after the call, cache row ``to[j]`` takes the fresh K/V and
+        tokens of call row ``frm[j]`` at its slots (a lane cache keeping its row 0 in every lane row).
+        Dream: the shift is the general rule (a prediction whose ``p - 1`` is not among its row's
+        tokens is NaN).  Returns (N, P, V).
+        """
+        N, T = ids.shape
+        S, m, dev = cache.length, self.model, ids.device
+        pos = cache.positions.index_select(0, rows).gather(1, slots.clamp(max=S - 1))
+        own = torch.zeros(N, S + 1, dtype=torch.bool, device=dev).scatter_(1, slots, real)[:, :S]
+        if cache.valid is not None:
+            own &= cache.valid.index_select(0, rows)
+        mask = (cache._filled.index_select(0, rows)[:, :S] | own)[:, None, None, :]
+        to, frm = spread if spread is not None and write else (rows.new_zeros(0), rows.new_zeros(0))
+        h = m.embed(ids)
+        cos, sin = m.rope(pos, h.dtype)
+        hidden = m._layers_fn(h, cos, sin, mask, cache.kv, ("rows", rows, slots, to, frm), not write, 0)
+        if write:
+            all_rows = torch.cat((rows, to))
+            all_slots = torch.cat((slots, slots.index_select(0, frm)))
+            all_ids = torch.cat((ids, ids.index_select(0, frm)))
+            at = all_rows[:, None].expand_as(all_slots)
+            valid = torch.cat((real, real.index_select(0, frm)))
+            if cache.valid is not None:
+                padded = torch.cat((cache.valid, cache.valid.new_zeros(cache.valid.shape[0], 1)), 1)
+                valid = valid & padded[at, all_slots]
+            cache._tokens.index_put_((at, all_slots), torch.where(valid, all_ids, -1))
+            cache._filled.index_put_((at, all_slots), valid)
+            cache._ragged = True
+        if self.cfg.shifted_logits:
+            hidden = self._shift(hidden, pos, real)
+        hidden = hidden.gather(1, predict[..., None].expand(-1, -1, hidden.shape[-1]))
+        return m.head(hidden)
 
     @staticmethod
     def _rows(cols, predict, dev):

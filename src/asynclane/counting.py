@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 class CountingBackbone:
     """Wraps a :class:`~asynclane.backbone.Backbone`; counts NFE and token-forwards.
 
-    nfe: number of ``forward``/``step``/``logits`` calls (one batched call == one function evaluation).
+    nfe: number of ``forward``/``step``/``step_rows``/``logits`` calls (one batched call == one function evaluation).
     token_forwards: sum over calls of the tokens processed (batch rows x query length, padding
     included, since the hardware computes it).  Everything else is delegated unchanged.
     """
@@ -31,6 +31,11 @@ class CountingBackbone:
         self.nfe += 1
         self.token_forwards += x.shape[0] * n
         return self._bb.step(x, cache, cols, **kwargs)
+
+    def step_rows(self, ids, cache, rows, slots, real, predict, **kwargs):
+        self.nfe += 1
+        self.token_forwards += ids.numel()
+        return self._bb.step_rows(ids, cache, rows, slots, real, predict, **kwargs)
 
     def logits(self, input_ids):
         return self.forward(input_ids)

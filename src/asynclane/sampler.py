@@ -85,6 +85,9 @@ class BaseSampler:
 
     Config: ClassVar[type]
     can_batch: ClassVar[bool] = True
+    # True: batch > 1 by row pooling (asynclane.rowpool): each row decodes alone in a thread, the
+    # model calls of all rows pooled into one per round
+    pools_rows: ClassVar[bool] = False
 
     def __init__(self, cfg):
         self.cfg = cfg

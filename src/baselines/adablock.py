@@ -12,7 +12,7 @@ threshold rule, cache none / prefix / dual; Dream with a cache: the refresh comm
 block's first token, as the reference.  Defaults: threshold 0.9, block 32, window 0.25, dual
 cache; delimiter threshold 0.3 (LLaDA family) / 0.5 (Dream) [C].  Deviations, in brief: the
 delimiter ids come from the tokenizer (every newline-bearing id; the reference lists 198 for LLaDA
-and 24 ids for Dream); a prefix cache on Dream too; batch 1 (as the reference); the mask id is
+and 24 ids for Dream); a prefix cache on Dream too; batch > 1 by row pooling (the reference: batch 1); the mask id is
 never proposed; float32 delimiter confidence; ties toward the lower position.  Algorithm,
 options and every deviation with its source: docs/samplers/adablock.md.
 """
@@ -24,6 +24,7 @@ from typing import ClassVar, Optional, Sequence
 import torch
 
 from asynclane import rules
+from asynclane.rowpool import pooled_generate
 from asynclane.sampler import (BaseSampler, Generation, SamplerConfig, delimiter_set, finish, init_buffer,
                                padding_mask, read_host, register)
 from baselines.fast_dllm import CACHES, block_commit, block_logits
@@ -106,7 +107,8 @@ class AdaBlockSampler(BaseSampler):
     """``generate_adablock`` / ``_prefix_cache`` / ``_dual_cache`` and Dream's ``_sample_adablock(_cache)``."""
 
     Config = AdaBlockConfig
-    can_batch = False  # a row's block boundaries are its own; see docs/samplers/adablock.md
+    can_batch = True  # by row pooling (asynclane.rowpool): one decoding per row, the calls shared
+    pools_rows = True
 
     def __init__(self, cfg: AdaBlockConfig):
         super().__init__(cfg)
@@ -122,8 +124,8 @@ class AdaBlockSampler(BaseSampler):
 
     @torch.no_grad()
     def generate(self, backbone, prompts: Sequence[Sequence[int]], rng: torch.Generator) -> Generation:
-        if len(prompts) != 1:
-            raise ValueError(f"adablock decodes one prompt per call (can_batch = False), got {len(prompts)}")
+        if len(prompts) != 1:  # per-row rules: the rows decode side by side, their calls pooled
+            return pooled_generate(self.generate, backbone, prompts, rng)
         cfg, spec = self.cfg, backbone.spec
         first_only = cfg.first_after_refresh(spec.family)
         delta = cfg.delimiter_threshold_for(spec.family)

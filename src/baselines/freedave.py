@@ -11,8 +11,8 @@ each of which the previous draft's own next step confirms; the output is the ref
 token, in fewer calls.  ``freedave_pp`` (FreeDave++) does the same around Fast-dLLM's threshold
 step.  Defaults: block 32, draft steps 4 (LLaDA) / 8 (Dream) [C].  Deviations, in brief: no cache
 by default (the reference sampler here, ``blockwise``, has none; ``cache=dual`` is the scripts'
-setting); early exit off; batch replication or a lane cache instead of a tree mask; one prompt per
-call; a reference step that completes the block is taken without a call; FreeDave++'s
+setting); early exit off; batch replication or a lane cache instead of a tree mask; batch > 1 by
+row pooling (the reference: batch 1); a reference step that completes the block is taken without a call; FreeDave++'s
 confidence in float64; its reference ``subset`` verification (the default) is not lossless,
 ``exact`` is.  Algorithm, options and every deviation with its source: docs/samplers/freedave.md.
 """
@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from asynclane import rules
+from asynclane.rowpool import pooled_generate
 from asynclane.sampler import (BaseSampler, Generation, SamplerConfig, check_block_length, finish,
                               init_buffer, read_host, register)
 
@@ -124,7 +125,8 @@ class FreeDaveSampler(BaseSampler):
     """``block_decode_with_full_attention_FreeDave`` with ``confidence_threshold=None``."""
 
     Config = FreeDaveConfig
-    can_batch = False  # the reference asserts batch 1; see docs/samplers/freedave.md
+    can_batch = True  # by row pooling (asynclane.rowpool): one decoding per row, the calls shared
+    pools_rows = True
     threshold: Optional[float] = None  # None: the reference step commits the single best position
     conf_dtype: Optional[torch.dtype] = None  # blockwise's softmax dtype (the logits')
     match_rule = "subset"  # for one-token steps "subset" and "exact" accept the same drafts
@@ -143,8 +145,8 @@ class FreeDaveSampler(BaseSampler):
 
     @torch.no_grad()
     def generate(self, backbone, prompts: Sequence[Sequence[int]], rng: torch.Generator) -> Generation:
-        if len(prompts) != 1:
-            raise ValueError(f"{self.name} decodes one prompt per call (can_batch = False), got {len(prompts)}")
+        if len(prompts) != 1:  # per-row rules: the rows decode side by side, their calls pooled
+            return pooled_generate(self.generate, backbone, prompts, rng)
         cfg, spec = self.cfg, backbone.spec
         d = cfg.drafts_for(spec.family)
         first_only = rules.dream_first_token_after_refresh(None, spec.family, cfg.cache != "none")

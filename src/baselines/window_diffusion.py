@@ -13,7 +13,7 @@ confident mask anywhere; active = first ``active_tokens`` masks + this phase's c
 the refresh covers the kept prefix only and commits the leftmost mask; active = a window from that
 token to the ``active_tokens``-th mask; neg-entropy confidence, Dream's timestep quota (or one per
 step and EOS truncation with ``early_stop``).  Defaults: LLaDA window 64 / active 16 / refresh 32;
-Dream 128 / 16 / 32, slide on, early stop off.  Deviations, in brief: batch 1 only; every EOS-like
+Dream 128 / 16 / 32, slide on, early stop off.  Deviations, in brief: batch > 1 by row pooling (the reference: batch 1); every EOS-like
 id ends a Dream answer; an active column outside the window attends itself; no re-masking where
 the reference's top-k overruns a window; extra refresh steps for masks left after ``gen_length``
 steps; the mask id is never proposed; ties toward the lower position.  Algorithm, options and
@@ -27,6 +27,7 @@ from typing import ClassVar, Optional, Sequence
 import torch
 
 from asynclane import rules
+from asynclane.rowpool import pooled_generate
 from asynclane.sampler import BaseSampler, Generation, SamplerConfig, finish, init_buffer, read_host, register
 from baselines.blockwise import REMASKING, random_confidence
 from baselines.dream import commit_sampled, dream_sample_tokens, dream_timesteps
@@ -123,12 +124,13 @@ class WindowDiffusionSampler(BaseSampler):
     """Window-Diffusion ``generate`` (LLaDA) / ``nearest_sample_fast_v2_cache`` (Dream), chosen by family."""
 
     Config = WindowDiffusionConfig
-    can_batch = False  # the windows are per row; see docs/samplers/window_diffusion.md
+    can_batch = True  # by row pooling (asynclane.rowpool): one decoding per row, the calls shared
+    pools_rows = True
 
     @torch.no_grad()
     def generate(self, backbone, prompts: Sequence[Sequence[int]], rng: torch.Generator) -> Generation:
-        if len(prompts) != 1:
-            raise ValueError(f"window_diffusion decodes one prompt per call (can_batch = False), got {len(prompts)}")
+        if len(prompts) != 1:  # per-row rules: the rows decode side by side, their calls pooled
+            return pooled_generate(self.generate, backbone, prompts, rng)
         x, _, _, P = init_buffer(backbone, prompts, self.cfg.gen_length)
         cache = backbone.new_cache(1, x.shape[1])
         run = self._dream if backbone.spec.family == "dream" else self._llada

@@ -321,11 +321,6 @@ def test_delimiters_come_from_the_tokenizer_or_the_option(backbone):
     assert not any(r["forks"] for r in out.trace)
 
 
-def test_batch_of_two_is_refused(backbone):
-    with pytest.raises(ValueError, match="one prompt per call"):
-        build_sampler("asynclane", gen_length=32).generate(backbone, random_prompts(backbone), torch.Generator())
-
-
 def test_defaults():
     cfg = AsyncLaneConfig(gen_length=256)
     assert (cfg.block_length, cfg.threshold, cfg.cache, cfg.max_lanes) == (32, 0.9, "prefix", 4)

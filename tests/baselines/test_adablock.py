@@ -425,11 +425,6 @@ def test_defaults_are_the_official_scripts():
     assert not AdaBlockConfig(cache="none").first_after_refresh("dream")
 
 
-def test_one_prompt_per_call(llada):
-    with pytest.raises(ValueError, match="one prompt per call"):
-        build_sampler("adablock", gen_length=16).generate(llada, random_prompts(llada), torch.Generator())
-
-
 @pytest.mark.parametrize("opts,match", [
     (dict(cache="full"), r"cache='full' is not one of none, prefix, dual"),
     (dict(block_length=0), r"block_length=0 must be a positive integer"),

@@ -295,11 +295,6 @@ def test_defaults_are_the_scripts_setting_except_cache_and_early_exit():
     assert (pp.threshold, pp.match_rule, pp.block_length) == (0.95, "subset", 32)
 
 
-def test_one_prompt_per_call(llada):
-    with pytest.raises(ValueError, match="one prompt per call"):
-        build_sampler("freedave", gen_length=32).generate(llada, random_prompts(llada), torch.Generator())
-
-
 @pytest.mark.parametrize("name,opts,match", [
     ("freedave", dict(gen_length=32, block_length=24), r"block_length=24 must divide gen_length=32"),
     ("freedave", dict(gen_length=32, draft_steps=0), r"draft_steps=0 must be a positive integer"),

@@ -471,12 +471,6 @@ def test_dream_fixed_window_that_runs_out_skips_the_call(dream):
     assert len(rec.cols) > 32 and all(c[0] == 0 for c in rec.cols[9:])  # after the budget: refreshes only
 
 
-def test_one_prompt_per_call(llada):
-    prompts = random_prompts(llada, lengths=(5, 6))
-    with pytest.raises(ValueError, match="one prompt per call"):
-        build_sampler("window_diffusion", gen_length=16).generate(llada, prompts, torch.Generator())
-
-
 def test_defaults_are_the_reference_eval_settings():
     cfg = WindowDiffusionConfig()
     assert (cfg.window("llada"), cfg.window("dream")) == (64, 128)  # window_tokens / o_win_size

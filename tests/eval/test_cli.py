@@ -142,11 +142,25 @@ def test_progress_reports_accuracy_and_tps(first_run):
     assert "3/3 done, accuracy so far" in log and "TPS" in log
 
 
-def test_unbatchable_sampler_with_batch_size_fails_up_front(tmp_path):
-    res = run_eval("sampler=asynclane", "batch_size=2", "limit=2", *FAST, f"hydra.run.dir={tmp_path}")
-    assert res.returncode != 0
-    assert "can_batch = False" in res.stderr and "batch_size=1" in res.stderr
-    assert not (tmp_path / SAMPLES).exists()  # refused before any work
+def test_unbatchable_sampler_with_batch_size_fails_up_front(tmp_path, monkeypatch):
+    """A sampler that declares can_batch = False (none registered here does: a third-party one may)."""
+    from asynclane.sampler import REGISTRY
+
+    monkeypatch.setattr(REGISTRY["blockwise"], "can_batch", False)
+    line = run_error_line(tmp_path, "sampler=blockwise", "batch_size=2", "limit=2")
+    assert "can_batch = False" in line and "batch_size=1" in line
+    assert not (tmp_path / "out" / SAMPLES).exists()  # refused before any work
+
+
+def test_pooled_sampler_runs_batched(tmp_path):
+    """AsyncLane at batch_size 2 (row pooling): the rows of a one-by-one run, one generate call per batch."""
+    one = run_eval("sampler=asynclane", "limit=3", *FAST, f"hydra.run.dir={tmp_path / 'one'}")
+    two = run_eval("sampler=asynclane", "batch_size=2", "limit=3", *FAST, f"hydra.run.dir={tmp_path / 'two'}")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    rows = [read_rows(tmp_path / d / SAMPLES) for d in ("one", "two")]
+    assert [r["completion"] for r in rows[0]] == [r["completion"] for r in rows[1]]
+    b = [r["batch"] for r in rows[1]]
+    assert b[0] == b[1] != b[2] and rows[1][0]["nfe"] == rows[1][1]["nfe"]
 
 
 def test_save_traces_writes_one_record_per_generate_call(tmp_path):

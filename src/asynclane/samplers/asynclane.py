@@ -12,7 +12,7 @@ else is our reconstruction, in :mod:`asynclane.lane`.
 Two paths share the lane tree, the rules and the four switches: the *speculative* path (the
 default, ``speculate`` with ``draft_reuse``: one call row per lane, each lane's drafts verified
 against the drafts of the lanes left of it) and the *one-row* path it grew from (all lanes in one
-row).  Deviations in brief: batch 1 only; the one-row path packs every lane into one row without a
+row).  Deviations in brief: batch > 1 by row pooling (one lane tree per row); the one-row path packs every lane into one row without a
 block-sparse mask; drafts live one iteration; committed prefix tokens are never re-masked; the
 EOS-filled tail stays in context.
 
@@ -28,6 +28,7 @@ import torch
 
 from asynclane import rules
 from asynclane.lane import one_row, speculative
+from asynclane.rowpool import pooled_generate
 from asynclane.sampler import delimiter_set
 from asynclane.sampler import BaseSampler, Generation, SamplerConfig, check_block_length, register
 
@@ -87,10 +88,12 @@ class AsyncLaneConfig(SamplerConfig):
 
 @register("asynclane")
 class AsyncLaneSampler(BaseSampler):
-    """Lane-tree decoding (batch 1); ``max_lanes=1`` and mechanisms 2-4 off is fast_dllm."""
+    """Lane-tree decoding (one tree per row; batch > 1 by row pooling); ``max_lanes=1`` and mechanisms
+    2-4 off is fast_dllm."""
 
     Config = AsyncLaneConfig
-    can_batch = False
+    can_batch = True  # by row pooling (asynclane.rowpool): one decoding per row, the calls shared
+    pools_rows = True
 
     def __init__(self, cfg: AsyncLaneConfig):
         super().__init__(cfg)
@@ -98,8 +101,8 @@ class AsyncLaneSampler(BaseSampler):
 
     @torch.no_grad()
     def generate(self, backbone, prompts: Sequence[Sequence[int]], rng: torch.Generator) -> Generation:
-        if len(prompts) != 1:
-            raise ValueError(f"asynclane decodes one prompt per call (can_batch = False), got {len(prompts)}")
+        if len(prompts) != 1:  # per-row rules: the rows decode side by side, their calls pooled
+            return pooled_generate(self.generate, backbone, prompts, rng)
         key = id(getattr(backbone, "tokenizer", None))
         if key not in self._delimiters:
             self._delimiters[key] = delimiter_set(backbone, self.cfg.delimiter_ids)

@@ -102,7 +102,7 @@ def import_file(name: str, path) -> object:
 
 class LogitsHook:
     """A delegating test backbone that sees (and may edit) the logits of every model call, whichever
-    entry point the sampler uses (:meth:`Backbone.forward` or :meth:`Backbone.step`).
+    entry point the sampler uses (:meth:`Backbone.forward`, :meth:`Backbone.step` or :meth:`Backbone.step_rows`).
 
     Subclasses implement :meth:`adjust`; everything else is delegated to the wrapped backbone.
     """
@@ -135,6 +135,13 @@ class LogitsHook:
         B = x.shape[0]
         return self.adjust(logits, x[:, call], cache.positions[:B][:, call],
                            rows.expand(B, -1) if rows.dim() == 1 else rows)
+
+    def step_rows(self, ids, cache, rows, slots, real, predict, **kwargs):
+        S = cache.length
+        pos = cache.positions.index_select(0, rows).gather(1, slots.clamp(max=S - 1))
+        ids = self.edit_ids(ids, pos)
+        logits = self._bb.step_rows(ids, cache, rows, slots, real, predict, **kwargs)
+        return self.adjust(logits, ids, pos, predict)
 
     def __getattr__(self, name):
         return getattr(self._bb, name)
