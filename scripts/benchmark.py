@@ -4,6 +4,7 @@
     python scripts/benchmark.py --samplers blockwise,fast_dllm,asynclane --lengths 64 --limit 20 --threads 2
     python scripts/benchmark.py --dry-run                         # the planned runs, as `python -m eval` lines
     python scripts/benchmark.py --threshold-sweep none --no-ablations   # the main table only
+    python scripts/benchmark.py --batch-sizes 1,4,16 --threshold-sweep none --no-ablations   # + a batch sweep
 
 Runs in this process: each run's config is composed by Hydra from the package ``eval.conf``
 (exactly what ``python -m eval KEY=VALUE ...`` composes) and handed to :func:`eval.runner.run`,
@@ -18,15 +19,29 @@ applied to every run alike).  Runs:
 - main: every ``--samplers`` entry x task x length;
 - threshold sweep (issue 5): fast_dllm with ``sampler.threshold`` = each ``--threshold-sweep`` value;
 - ablations (issue 6): asynclane with each mechanism (lane_batching, draft_reuse, cascade,
-  compact_refresh) and speculation (speculate: the one-row path) switched off in turn.
+  compact_refresh) and speculation (speculate: the one-row path) switched off in turn;
+- batch sweep (issue 19, ``--batch-sizes``, default ``1``: none): every ``--samplers`` entry x task
+  x length x batch size (``batch_size``: prompts per generate call, left-padded), batch 1 always
+  included (it is the main run).  A sampler whose class says ``can_batch = False`` decodes one
+  prompt per call: its cells above batch 1 are not run, and the tables say so.  The main table,
+  the threshold sweep and the ablations stay at batch 1.
 
 A variant equal to a main run (fast_dllm at its default threshold, asynclane with everything on)
 is that run, not a second one.  Tables (stdout and ``<out>/benchmark.md``, the command line on
 top): per sampler x task x length accuracy, NFE per sample (sequential model calls), generated
 tokens per model call, token-forwards per generated token (compute) and TPS; AsyncLane's ratio to
 the best competitor on each metric (best in that metric's direction at the same task/length); the
-fastest competitor per task/length by TPS and by NFE; the ablation table; the threshold table.
-``python -m eval.report`` outputs (markdown/LaTeX tables, CSV, plots) go to ``<out>/report``.
+fastest competitor per task/length by TPS and by NFE; the ablation table; the threshold table;
+with a batch sweep, the batch table: per sampler x task x length x batch size accuracy, TPS, TPS over
+the same sampler's at batch 1 and over the reference's at the same batch size, and how many
+completions differ from batch 1 (at temperature 0 a batchable sampler should decode each prompt as
+it does alone).  ``python -m eval.report`` outputs (markdown/LaTeX tables, CSV, plots; with a batch
+sweep also ``tps_vs_batch.png``, TPS against batch size) go to ``<out>/report``.
+
+Runs go one after another (a run is every example of one cell), so load drift on the machine is
+not spread evenly over cells; a batch sweep runs each task/length's batch sizes right after its
+batch-1 runs.  At batch b the runner's warm-up (``warmup=1``) is the first generate call, b
+examples: a cell needs ``--limit`` > b for a timed call.
 """
 from __future__ import annotations
 
@@ -46,6 +61,7 @@ PREFERRED_ORDER = ["blockwise", "dream", "fast_dllm", "dparallel", "d3llm", "loc
                    "streaming_dllm", "window_diffusion", "freedave", "freedave_pp", "asynclane"]
 ABLATION_SWITCHES = ("lane_batching", "draft_reuse", "cascade", "compact_refresh", "speculate")
 DEFAULT_THRESHOLDS = "0.5,0.7,0.9,0.95"
+NO_BATCH = "n/a: decodes one prompt per call"  # a batch-sweep cell of a sampler with can_batch = False
 
 # (key, column label, higher is better)
 METRICS = [
@@ -85,12 +101,24 @@ def sampler_defaults(name: str) -> dict:
     return {k: v for k, v in sampler_node(name).items() if not (isinstance(v, str) and v.startswith("${"))}
 
 
+def can_batch(name: str) -> bool:
+    """Whether sampler ``name`` decodes several prompts per generate call: its class's ``can_batch``
+    (the runner refuses ``batch_size`` > 1 otherwise)."""
+    from asynclane.sampler import REGISTRY
+
+    from eval.sampler_presets import sampler_names
+
+    sampler_names()  # registers every sampler
+    return bool(getattr(REGISTRY[name], "can_batch", True))
+
+
 @dataclass(frozen=True)
 class Run:
     sampler: str
     task: str
     length: int
     options: tuple = ()  # ((key, value), ...) sampler options that differ from the preset
+    batch_size: int = 1  # prompts per generate call
 
     @property
     def variant(self) -> str:
@@ -105,11 +133,14 @@ class Run:
               f"limit={'null' if limit is None else limit}", f"seed={seed}"]
         if threads:
             ov.append(f"threads={threads}")
+        if self.batch_size != 1:
+            ov.append(f"batch_size={self.batch_size}")
         ov += [f"sampler.{k}={_ov_value(v)}" for k, v in self.options]
         return ov + list(extra)
 
     def run_dir(self, out: Path, model: str) -> Path:
-        return Path(out) / "runs" / self.task / f"{model}-{self.variant}-L{self.length}"
+        batch = f"-B{self.batch_size}" if self.batch_size != 1 else ""
+        return Path(out) / "runs" / self.task / f"{model}-{self.variant}-L{self.length}{batch}"
 
 
 def _ov_value(v) -> str:
@@ -121,10 +152,19 @@ class Plan:
     main: list = field(default_factory=list)        # Run
     thresholds: dict = field(default_factory=dict)  # (task, L, threshold) -> Run
     ablations: dict = field(default_factory=dict)   # (task, L, switch or "full") -> Run
+    batches: dict = field(default_factory=dict)     # (task, L, batch size, sampler) -> Run, None: cannot batch
 
     def runs(self) -> list[Run]:
-        """Every distinct run, main ones first (a variant equal to a main run appears once)."""
-        return list(dict.fromkeys([*self.main, *self.thresholds.values(), *self.ablations.values()]))
+        """Every distinct run, main ones first, each task/length's batch sweep right after its main
+        runs (a variant equal to a main run appears once)."""
+        sweep = [r for r in self.batches.values() if r is not None]
+        keys = dict.fromkeys((r.task, r.length) for r in self.main)
+        ordered = [r for key in keys for r in [*self.main, *sweep] if (r.task, r.length) == key]
+        return list(dict.fromkeys([*ordered, *self.thresholds.values(), *self.ablations.values()]))
+
+    def skipped(self) -> list[tuple]:
+        """(task, L, batch size, sampler) of the batch-sweep cells not run: the sampler cannot batch."""
+        return [k for k, r in self.batches.items() if r is None]
 
 
 def _variant(sampler: str, task: str, L: int, opts: dict, defaults: dict) -> Run:
@@ -134,9 +174,16 @@ def _variant(sampler: str, task: str, L: int, opts: dict, defaults: dict) -> Run
 
 
 def make_plan(samplers: Sequence[str], tasks: Sequence[str], lengths: Sequence[int], thresholds: Sequence[float],
-              ablations: bool, defaults: Optional[dict] = None) -> Plan:
-    """The runs of one benchmark; ``defaults``: {sampler: preset defaults} (read from conf/ when None)."""
+              ablations: bool, defaults: Optional[dict] = None, batch_sizes: Sequence[int] = (1,),
+              batchable=None) -> Plan:
+    """The runs of one benchmark; ``defaults``: {sampler: preset defaults} (read from conf/ when None).
+
+    ``batch_sizes`` other than just ``[1]`` add the batch sweep (every sampler x task x length x
+    size; batch 1 is the main run); ``batchable(name) -> bool`` (default :func:`can_batch`) says
+    which samplers may run above batch 1, the others' cells there are planned as None."""
     defaults = defaults if defaults is not None else {}
+    batchable = batchable or can_batch
+    sweep = sorted(set(batch_sizes) | {1}) if set(batch_sizes) != {1} else []
 
     def d(name):
         if name not in defaults:
@@ -148,6 +195,9 @@ def make_plan(samplers: Sequence[str], tasks: Sequence[str], lengths: Sequence[i
         for L in lengths:
             for s in samplers:
                 plan.main.append(Run(s, task, L))
+            for b in sweep:
+                for s in samplers:
+                    plan.batches[(task, L, b, s)] = Run(s, task, L, batch_size=b) if b == 1 or batchable(s) else None
             for t in thresholds:
                 plan.thresholds[(task, L, t)] = _variant("fast_dllm", task, L, {"threshold": t}, d("fast_dllm"))
             if ablations:
@@ -391,14 +441,82 @@ def threshold_table(thresholds: dict) -> str:
                      "TPS"], rows)
 
 
-def render(command: str, results: dict, ablations: dict, thresholds: dict, note: str = "") -> str:
-    """The whole benchmark.md (also what is printed)."""
+def count_differences(these: dict, batch1: dict) -> tuple[int, int]:
+    """(examples whose completion differs, examples compared): ``{example_id: completion}`` of a run
+    against the same sampler's batch-1 run, over the examples both hold."""
+    common = [k for k in these if k in batch1]
+    return sum(these[k] != batch1[k] for k in common), len(common)
+
+
+def batch_rows(batches: dict, reference: Optional[str]) -> list[dict]:
+    """One dict per batch-sweep cell: per task/length, each sampler (in ``batches`` order) at each size.
+
+    batches: {(task, L, batch size, sampler): metrics, with ``differ`` = (differing, compared) from
+    :func:`count_differences` above batch 1, or None for a sampler that cannot batch}.  ``vs_batch1``:
+    TPS over the same sampler's at batch 1; ``vs_reference``: over ``reference``'s at the same size.
+    """
+    first = {k: i for i, k in enumerate(dict.fromkeys((t, L, s) for t, L, _, s in batches))}
+
+    def display_order(item):
+        (t, L, b, s), _ = item
+        return first[(t, L, s)], b
+
+    out = []
+    for (task, L, b, s), m in sorted(batches.items(), key=display_order):
+        if m is None:
+            out.append({"task": task, "L": L, "batch": b, "sampler": s, "skipped": True})
+            continue
+        one, ref = batches.get((task, L, 1, s)), batches.get((task, L, b, reference))
+        out.append({"task": task, "L": L, "batch": b, "sampler": s, "skipped": False, "accuracy": m.get("accuracy"),
+                    "tps": m.get("tps"), "vs_batch1": ratio(m.get("tps"), one.get("tps")) if one else None,
+                    "vs_reference": ratio(m.get("tps"), ref.get("tps")) if ref else None,
+                    "differ": m.get("differ")})
+    return out
+
+
+def batch_table(batches: dict, reference: Optional[str]) -> str:
+    """The batch sweep: accuracy, TPS and its ratios per task x length x sampler x batch size."""
+    rows = []
+    for r in batch_rows(batches, reference):
+        head = [r["task"], r["L"], r["sampler"], r["batch"]]
+        if r["skipped"]:
+            rows.append(head + ["–", NO_BATCH, "–", "–", "–"])
+            continue
+        differ = "–" if r["batch"] == 1 else ("n/a" if r["differ"] is None else f"{r['differ'][0]}/{r['differ'][1]}")
+        rows.append(head + [_f(r["accuracy"], FMT["accuracy"]), _f(r["tps"], FMT["tps"]),
+                            _f(r["vs_batch1"], ".2f") + ("x" if r["vs_batch1"] is not None else ""),
+                            _f(r["vs_reference"], ".2f") + ("x" if r["vs_reference"] is not None else ""), differ])
+    return md_table(["task", "L", "sampler", "batch", "accuracy", "TPS", "TPS / batch 1",
+                     f"TPS / {reference or 'reference'}", "completions ≠ batch 1"], rows)
+
+
+def batch_section(batches: dict, reference: Optional[str]) -> list[str]:
+    """The batch-sweep part of benchmark.md: legend, table and which samplers were not batched."""
+    legend = ("batch: prompts per generate call (left-padded to the longest); TPS: generated tokens of every "
+              "prompt per generate-second, the first generate call (batch examples) a warm-up; TPS / batch 1: "
+              "over the same sampler's TPS at batch 1; "
+              f"TPS / {reference or 'reference'}: over {reference or 'the reference'}'s at the same batch size; "
+              "completions ≠ batch 1: examples whose completion differs from the batch-1 run's / examples "
+              "compared (a sampler at temperature 0 should decode each prompt in a batch as it does alone).")
+    parts = ["## Batch sweep", "", legend, "", batch_table(batches, reference), ""]
+    alone = sorted({s for (_, _, b, s), m in batches.items() if m is None})
+    if alone:
+        parts += [f"Not run above batch 1, each decodes one prompt per call (its class sets "
+                  f"`can_batch = False`): {', '.join(alone)}.", ""]
+    return parts
+
+
+def render(command: str, results: dict, ablations: dict, thresholds: dict, note: str = "",
+           batches: Optional[dict] = None, reference: Optional[str] = None) -> str:
+    """The whole benchmark.md (also what is printed); ``batches``: see :func:`batch_rows`."""
     parts = ["# Benchmark", "", f"Command: `{command}`", ""]
     if note:
         parts += [note, ""]
     legend = ("NFE/sample: sequential model calls per generate call; tokens/call: generated tokens (to the "
               "first EOS, inclusive) per model call; token-fwd/token: token positions pushed through the model "
               "per generated token (compute); TPS: generated tokens per generate-second, warm-up excluded.")
+    if batches:
+        legend += " Every table but the batch sweep's is at batch 1 (one prompt per generate call)."
     if any("gpu_tps" in m for m in results.values()):
         legend += (" proj. GPU TPS: generated tokens per second if each of the run's model calls cost what an "
                    "8B-shape call carrying as many tokens costs on the GPU (cost model at the end).")
@@ -411,6 +529,8 @@ def render(command: str, results: dict, ablations: dict, thresholds: dict, note:
     fast = fastest_statements(results)
     if fast:
         parts += ["## Fastest competitor", "", *fast, ""]
+    if batches:
+        parts += batch_section(batches, reference)
     if ablations:
         parts += [f"## {TARGET} ablations (each mechanism off in turn)", "", ablation_table(ablations), ""]
     if thresholds:
@@ -423,6 +543,18 @@ def render(command: str, results: dict, ablations: dict, thresholds: dict, note:
 
 def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    """``--batch-sizes``: a comma list of positive integers, returned sorted without repeats."""
+    sizes = []
+    for x in _csv(text):
+        if not x.isdecimal() or int(x) < 1:
+            raise ValueError(f"--batch-sizes: {x!r} is not a positive integer; give a comma list such as 1,4,16")
+        sizes.append(int(x))
+    if not sizes:
+        raise ValueError(f"--batch-sizes: no batch size in {text!r}; give a comma list such as 1,4,16")
+    return sorted(set(sizes))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -445,7 +577,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--gpu-costs", type=Path, nargs="+", default=None, metavar="FILE",
                     help="scripts/bench_forward.py output(s), rows pooled: add a projected GPU TPS at 8B shape")
     ap.add_argument("--gpu-family", default="llada", help="which family's rows of --gpu-costs to use (default llada)")
-    ap.add_argument("--reference", default=None, help="eval.report's speedup reference (default: blockwise if run)")
+    ap.add_argument("--batch-sizes", default="1", metavar="B,B,...",
+                    help="batch sweep: prompts per generate call, e.g. 1,4,16 (default 1: no sweep); every "
+                         "sampler x task x length runs at each size, batch 1 always included; samplers whose class "
+                         "sets can_batch = False are reported as n/a above batch 1")
+    ap.add_argument("--reference", default=None,
+                    help="eval.report's speedup reference, and the batch table's if a sampler name (default: "
+                         "blockwise if run)")
     ap.add_argument("--dry-run", action="store_true", help="print the planned runs only")
     a = ap.parse_args(argv)
     known = registered_samplers()
@@ -459,15 +597,36 @@ def parse_args(argv=None) -> argparse.Namespace:
         a.thresholds = [] if a.threshold_sweep.strip().lower() in ("", "none") else \
             [float(x) for x in _csv(a.threshold_sweep)]
         a.limit = None if str(a.limit).lower() in ("null", "none") else int(a.limit)
+        a.batch_sizes = parse_batch_sizes(a.batch_sizes)
     except ValueError as e:
         ap.error(str(e))
     if not a.samplers or not a.tasks or not a.lengths:
         ap.error("need at least one sampler, task and length")
+    if a.batch_sizes != [1] and any(e.split("=")[0].lstrip("+~") == "batch_size" for e in a.extra):
+        ap.error("give batch sizes with --batch-sizes, not --extra batch_size=...")
     return a
 
 
 def command_line(argv: Sequence[str], script: str = "scripts/benchmark.py") -> str:
     return shlex.join(["python", script, *argv])
+
+
+def completions(run_dir: Path, fingerprint: Optional[str]) -> dict:
+    """{example_id: completion} of one run's rows (those of its configuration: ``fingerprint``)."""
+    from eval.rows import SAMPLES, read_rows
+
+    out: dict = {}
+    for r in read_rows(Path(run_dir) / SAMPLES):
+        if r.get("fingerprint") == fingerprint:
+            out.setdefault(r["example_id"], r.get("completion"))
+    return out
+
+
+def not_batched_line(plan: Plan) -> Optional[str]:
+    skipped = sorted({s for _, _, _, s in plan.skipped()})
+    if not skipped:
+        return None
+    return f"not run above batch 1 ({NO_BATCH}; can_batch = False): {', '.join(skipped)}"
 
 
 def compose(overrides: list[str]):
@@ -484,8 +643,9 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     cmd = command_line(argv, script)
     defaults: dict = {}
-    plan = make_plan(a.samplers, a.tasks, a.lengths, a.thresholds, a.ablations, defaults)
+    plan = make_plan(a.samplers, a.tasks, a.lengths, a.thresholds, a.ablations, defaults, a.batch_sizes)
     runs = plan.runs()
+    skipped = not_batched_line(plan)
 
     def ov(r: Run) -> list[str]:
         return r.overrides(a.model, a.limit, a.seed, a.threads, a.extra)
@@ -496,6 +656,8 @@ def main(argv=None) -> int:
         return 2
     if a.dry_run:
         print(f"# {cmd}\n# {len(runs)} runs into {a.out / 'runs'}; report into {a.out / 'report'}")
+        if skipped:
+            print(f"# {skipped}")
         for r in runs:
             print(shlex.join(["python", "-m", "eval", *ov(r), f"hydra.run.dir={r.run_dir(a.out, a.model)}"]))
         return 0
@@ -505,18 +667,21 @@ def main(argv=None) -> int:
 
     from eval.runner import UsageError, run
 
+    if skipped:
+        print(skipped, file=sys.stderr, flush=True)
     summaries: dict[Run, dict] = {}
     t_all = time.perf_counter()
     for i, r in enumerate(runs, 1):
         t0 = time.perf_counter()
+        name = r.variant + (f" batch={r.batch_size}" if r.batch_size != 1 else "")
         try:
             cfg = compose(ov(r))
             summaries[r] = run(cfg, r.run_dir(a.out, a.model))
         except (UsageError, CheckpointNotFound) as e:
-            print(f"error: {r.variant} {r.task} L={r.length}: {e}", file=sys.stderr)
+            print(f"error: {name} {r.task} L={r.length}: {e}", file=sys.stderr)
             return 2
         s = summaries[r]
-        print(f"[{i}/{len(runs)}] {r.task} L={r.length} {r.variant}: n={s['n']} accuracy={_f(s['accuracy'], '.3f')} "
+        print(f"[{i}/{len(runs)}] {r.task} L={r.length} {name}: n={s['n']} accuracy={_f(s['accuracy'], '.3f')} "
               f"NFE={_f(s.get('nfe_mean'), '.1f')} TPS={_f(s.get('tps'), '.1f')} ({time.perf_counter() - t0:.1f}s)",
               file=sys.stderr, flush=True)
 
@@ -524,13 +689,24 @@ def main(argv=None) -> int:
     results = {(r.task, r.length, r.sampler): metrics(summaries[r], cost) for r in plan.main}
     ablations = {k: metrics(summaries[r]) for k, r in plan.ablations.items()}
     thresholds = {k: metrics(summaries[r]) for k, r in plan.thresholds.items()}
+    batches = {}
+    for (task, L, b, s_), r in plan.batches.items():
+        batches[(task, L, b, s_)] = None if r is None else metrics(summaries[r])
+        if r is not None and b != 1:
+            one = Run(s_, task, L)
+            batches[(task, L, b, s_)]["differ"] = count_differences(
+                completions(r.run_dir(a.out, a.model), summaries[r].get("fingerprint")),
+                completions(one.run_dir(a.out, a.model), summaries[one].get("fingerprint")))
+    ref = a.reference or ("blockwise" if "blockwise" in a.samplers else None)
+    batch_ref = a.reference if a.reference in a.samplers else ("blockwise" if "blockwise" in a.samplers
+                                                                else sorted(a.samplers)[0])
     first = summaries[runs[0]]
     note = (f"Model `{a.model}`, seed {a.seed}, the first {a.limit if a.limit is not None else 'all'} examples per "
             f"task, the same for every sampler; each sampler's preset defaults; overrides for all: "
             f"`{' '.join(a.extra) or 'none'}`. Device: {first.get('device_name')} ({first.get('device')}, "
             f"{first.get('threads', first.get('cpu_threads'))} CPU threads). {len(runs)} runs, {time.perf_counter() - t_all:.0f}s. "
             f"Run directories: `{a.out / 'runs'}`; eval.report outputs: `{a.out / 'report'}`.")
-    text = render(cmd, results, ablations, thresholds, note)
+    text = render(cmd, results, ablations, thresholds, note, batches, batch_ref)
     if cost is not None:
         text += (f"\nCost model for proj. GPU TPS: `{' '.join(map(str, a.gpu_costs))}` ({cost.n_rows} {cost.family} rows, {cost.device}, "
                  f"random bf16 weights, batch 1), least-squares fit ms = {cost.base_ms:.2f} + "
@@ -538,7 +714,6 @@ def main(argv=None) -> int:
 
     from eval.report import write_report
 
-    ref = a.reference or ("blockwise" if "blockwise" in a.samplers else None)
     files = write_report([r.run_dir(a.out, a.model) for r in runs], a.out / "report", ref, cmd)
     text += f"\neval.report outputs: {', '.join(f'`{v}`' for v in files.values())}\n"
     a.out.mkdir(parents=True, exist_ok=True)

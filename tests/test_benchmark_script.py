@@ -1,9 +1,11 @@
 """scripts/benchmark.py: the table/ratio logic on synthetic rows (no model), the plan and its
-``--dry-run``, and one tiny real invocation through the harness (tiny model, 2 examples, L=32)."""
+``--dry-run``, one tiny real invocation through the harness (tiny model, 2 examples, L=32), and
+the batch sweep (``--batch-sizes``: validation, plan, table, one tiny real sweep in-process)."""
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +196,105 @@ def test_call_cost_fit_and_projected_gpu_tps(bench, tmp_path):
         bench.load_call_cost([path], "qwen")
     with pytest.raises(SystemExit, match="no such file"):
         bench.load_call_cost([tmp_path / "missing.json"], "llada")
+
+
+# ------------------------------------------------------------------ the batch sweep (--batch-sizes)
+
+
+@pytest.mark.parametrize("bad, message", [("0", "'0' is not a positive integer"), ("-2", "'-2' is not a positive"),
+                                          ("1.5", "'1.5' is not a positive"), ("4,x", "'x' is not a positive"),
+                                          (",", "no batch size in ','")])
+def test_batch_sizes_must_be_positive_integers(bench, capsys, bad, message):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args([f"--batch-sizes={bad}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "such as 1,4,16" in err
+
+
+def test_batch_sizes_parsing_and_the_batch_size_override(bench, capsys):
+    assert bench.parse_args([]).batch_sizes == [1]
+    assert bench.parse_args(["--batch-sizes", "16, 4,4,1"]).batch_sizes == [1, 4, 16]
+    # --extra batch_size=... alone is the old way (every run at that size); with a sweep it is ambiguous
+    assert bench.parse_args(["--extra", "batch_size=4"]).extra == ["batch_size=4"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--batch-sizes", "1,4", "--extra", "batch_size=4"])
+    assert "not --extra batch_size" in capsys.readouterr().err
+
+
+def test_batch_plan_reads_can_batch_and_keeps_batch_one_as_the_main_run(bench):
+    # the default (batch 1 only) plans no sweep: the same runs as before the flag existed
+    assert bench.make_plan(["blockwise"], ["arith"], [64], [], False).batches == {}
+    alone = {"asynclane"}
+    plan = bench.make_plan(["blockwise", "asynclane"], ["arith", "listops"], [64], [], False,
+                           batch_sizes=[4], batchable=lambda s: s not in alone)
+    # batch 1 is always in the sweep (the ratio base): it is the main run, planned once
+    assert plan.batches[("arith", 64, 1, "asynclane")] == bench.Run("asynclane", "arith", 64)
+    assert plan.batches[("arith", 64, 4, "blockwise")] == bench.Run("blockwise", "arith", 64, batch_size=4)
+    assert plan.batches[("arith", 64, 4, "asynclane")] is None
+    assert plan.skipped() == [("arith", 64, 4, "asynclane"), ("listops", 64, 4, "asynclane")]
+    # each task/length's larger batches run right after its batch-1 runs
+    assert [(r.task, r.sampler, r.batch_size) for r in plan.runs()] == [
+        ("arith", "blockwise", 1), ("arith", "asynclane", 1), ("arith", "blockwise", 4),
+        ("listops", "blockwise", 1), ("listops", "asynclane", 1), ("listops", "blockwise", 4)]
+    r = plan.batches[("arith", 64, 4, "blockwise")]
+    assert r.overrides("tiny", 8, 0, 1, ["device=cpu"]) == ["model=tiny", "sampler=blockwise", "task=arith",
+                                                           "gen_length=64", "limit=8", "seed=0", "threads=1",
+                                                           "batch_size=4", "device=cpu"]
+    assert r.run_dir(Path("out"), "tiny") == Path("out/runs/arith/tiny-blockwise-L64-B4")
+    assert bench.Run("blockwise", "arith", 64).run_dir(Path("out"), "tiny") == Path("out/runs/arith/tiny-blockwise-L64")
+    # the default reads the sampler class's can_batch
+    assert bench.can_batch("blockwise") is True
+
+
+def test_batch_table_ratios_and_the_note_for_a_sampler_that_cannot_batch(bench):
+    def cell(acc, tps, differ=None):
+        return {**m(acc, 10, 1, 1, tps), **({"differ": differ} if differ else {})}
+
+    batches = {("arith", 64, 1, "blockwise"): cell(0.5, 100.0), ("arith", 64, 1, "fast_dllm"): cell(0.5, 400.0),
+               ("arith", 64, 1, "asynclane"): cell(0.6, 500.0),
+               ("arith", 64, 4, "blockwise"): cell(0.5, 300.0, (0, 8)),
+               ("arith", 64, 4, "fast_dllm"): cell(0.4, 600.0, (1, 8)), ("arith", 64, 4, "asynclane"): None}
+    rows = {(r["sampler"], r["batch"]): r for r in bench.batch_rows(batches, "blockwise")}
+    assert rows[("fast_dllm", 4)]["vs_batch1"] == pytest.approx(1.5)
+    assert rows[("fast_dllm", 4)]["vs_reference"] == pytest.approx(2.0)
+    assert rows[("blockwise", 4)]["vs_batch1"] == pytest.approx(3.0) and rows[("asynclane", 4)]["skipped"]
+    # listed per sampler, each sampler's batch sizes together
+    assert [k for k in rows] == [("blockwise", 1), ("blockwise", 4), ("fast_dllm", 1), ("fast_dllm", 4),
+                                 ("asynclane", 1), ("asynclane", 4)]
+    table = bench.batch_table(batches, "blockwise")
+    assert "| arith | 64 | fast_dllm | 4 | 0.400 | 600.0 | 1.50x | 2.00x | 1/8 |" in table
+    assert "| arith | 64 | asynclane | 1 | 0.600 | 500.0 | 1.00x | 5.00x | – |" in table
+    assert f"| arith | 64 | asynclane | 4 | – | {bench.NO_BATCH} | – | – | – |" in table
+    text = bench.render("cmd", RESULTS, {}, {}, batches=batches, reference="blockwise")
+    assert "## Batch sweep" in text and "can_batch = False`): asynclane." in text
+    assert "## Batch sweep" not in bench.render("cmd", RESULTS, {}, {})
+    assert bench.count_differences({"a": "x", "b": "y", "c": "z"}, {"a": "x", "b": "q"}) == (1, 2)
+
+
+def test_tiny_batch_sweep_writes_the_table_plot_and_skip_note(bench, capsys, tmp_path, monkeypatch):
+    from asynclane.sampler import REGISTRY
+
+    # fast_dllm stands in for a sampler that cannot batch (whichever samplers can, the plan asks the class)
+    monkeypatch.setattr(REGISTRY["fast_dllm"], "can_batch", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "bench"
+    rc = bench.main(["--samplers", "blockwise,fast_dllm", "--tasks", "arith", "--lengths", "32", "--limit", "4",
+                     "--threads", "1", "--batch-sizes", "1,2", "--threshold-sweep", "none", "--no-ablations",
+                     "--out", str(out)])
+    assert rc == 0
+    md = (out / "benchmark.md").read_text()
+    assert "--batch-sizes 1,2" in md and "## Batch sweep" in md
+    # batch 2 of blockwise: one warm-up call (examples 0-1), one timed; same completions as at batch 1
+    assert re.search(r"\| arith \| 32 \| blockwise \| 2 \| [\d.]+ \| [\d.]+ \| [\d.]+x \| 1\.00x \| 0/4 \|", md), md
+    assert f"| arith | 32 | fast_dllm | 2 | – | {bench.NO_BATCH} | – | – | – |" in md
+    assert "can_batch = False`): fast_dllm." in md
+    assert "can_batch = False): fast_dllm" in capsys.readouterr().err
+    runs = sorted(p.name for p in (out / "runs" / "arith").iterdir())
+    assert runs == ["tiny-blockwise-L32", "tiny-blockwise-L32-B2", "tiny-fast_dllm-L32"]
+    report = out / "report"
+    assert (report / "tps_vs_batch.png").stat().st_size > 0 and "| blockwise [batch 2] |" in (report / "table.md").read_text()
+    import pandas as pd
+
+    g = pd.read_csv(report / "grouped.csv")
+    assert sorted(zip(g["base_method"], g["batch_size"])) == [("blockwise", 1), ("blockwise", 2), ("fast_dllm", 1)]

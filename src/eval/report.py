@@ -16,6 +16,14 @@ cell is a group-by of rows, never a number computed elsewhere.  Writes into ``--
   Pareto front (higher accuracy and higher TPS) ringed and joined;
 - ``tps_vs_length.png`` TPS against generation length, one line per sampler.
 
+Batch sweeps: when the gathered rows hold more than one ``batch_size`` (prompts per generate
+call), each (sampler variant, batch size) is its own method, labelled ``blockwise [batch 4]``,
+in every table and plot above; ``speedup`` is over the reference at the same batch size, and
+grouped.csv gains ``batch_size``, ``base_method`` (the label without the batch) and
+``speedup_vs_batch1`` (TPS over the same variant's at batch 1).  One more plot:
+``tps_vs_batch.png``, TPS against batch size (log2 axis), one line per sampler variant, one
+panel per (model, task, generation length).  Rows of a single batch size read as before.
+
 Sampler variants: runs of one sampler with different options (``sampler.threshold=0.7,0.9``)
 are told apart by the options that differ among the gathered rows, e.g.
 ``fast_dllm (threshold=0.7)``; where one value of an option is the usual one among the variants
@@ -81,7 +89,24 @@ def gather(paths: Sequence[Path]) -> pd.DataFrame:
         log.warning("%d duplicate rows (same fingerprint and example) ignored", int(dups.sum()))
         df = df[~dups]
     df["method"] = method_labels(df)
+    # a row's batch size (rows older than the field were batch 1); a sweep of several sizes keeps
+    # each size apart: the batch joins the method label, the label without it is base_method
+    sizes = df["batch_size"].fillna(1).astype(int) if "batch_size" in df else pd.Series(1, index=df.index)
+    if sizes.nunique() > 1:
+        df["batch_size"] = sizes
+        df["base_method"] = df["method"]
+        df["method"] = [batch_label(m, b) for m, b in zip(df["base_method"], sizes)]
     return df.reset_index(drop=True)
+
+
+def batch_label(method: str, batch_size: int) -> str:
+    """The method label of one batch size in a batch sweep: ``blockwise [batch 4]``."""
+    return f"{method} [batch {int(batch_size)}]"
+
+
+def is_batch_sweep(frame: pd.DataFrame) -> bool:
+    """Whether a gathered or grouped frame holds several batch sizes (see :func:`gather`)."""
+    return "base_method" in frame
 
 
 def _options_from_config(run_dir: Path) -> dict:
@@ -150,28 +175,45 @@ def _fmt_opt(v) -> str:
 def group(df: pd.DataFrame, reference: Optional[str] = None) -> pd.DataFrame:
     """One row per (model, method, task, gen_length): :func:`summarize` of its rows, plus
     ``speedup`` (tps over the reference method's tps in the same model/task/gen_length) and
-    ``pareto`` (on the accuracy-TPS front of its model/task)."""
+    ``pareto`` (on the accuracy-TPS front of its model/task).
+
+    A batch sweep (:func:`is_batch_sweep`): the reference is resolved among the labels without
+    the batch, ``speedup`` compares methods at the same batch size, and ``speedup_vs_batch1`` is
+    each method's TPS over its own at batch 1."""
+    sweep = is_batch_sweep(df)
     out = []
     for key, g in df.groupby(GROUP, sort=True):
         g = g.dropna(axis=1, how="all")  # another task's score columns
         s = summarize(g.to_dict("records"))
         s.pop("conventions", None)
-        out.append({**dict(zip(GROUP, key)), "sampler": g["sampler"].iloc[0], **s})
+        extra = {"base_method": g["base_method"].iloc[0], "batch_size": int(g["batch_size"].iloc[0])} if sweep else {}
+        out.append({**dict(zip(GROUP, key)), "sampler": g["sampler"].iloc[0], **extra, **s})
     grouped = pd.DataFrame(out)
-    ref = resolve_reference(grouped, reference)
+    base = "base_method" if sweep else "method"
+    ref = resolve_reference(grouped.assign(method=grouped[base]), reference)
     grouped["reference"] = ref
-    ref_tps = grouped[grouped["method"] == ref].set_index(["model", "task", "gen_length"])["tps"]
-    grouped["speedup"] = [(t / ref_tps.get((m, task, L)))
-                          if t is not None and ref_tps.get((m, task, L)) not in (None, 0) and not _nan(t)
-                          and not _nan(ref_tps.get((m, task, L))) else float("nan")
-                          for m, task, L, t in grouped[["model", "task", "gen_length", "tps"]].itertuples(index=False)]
+    cell = ["model", "task", "gen_length"] + (["batch_size"] if sweep else [])
+    grouped["speedup"] = _tps_ratio(grouped, grouped[grouped[base] == ref], cell)
+    if sweep:
+        grouped["speedup_vs_batch1"] = _tps_ratio(grouped, grouped[grouped["batch_size"] == 1],
+                                                  ["model", "base_method", "task", "gen_length"])
     grouped["pareto"] = False
     for _, g in grouped.groupby(["model", "task"]):
         grouped.loc[g.index, "pareto"] = pareto_front(g["tps"].tolist(), g["accuracy"].tolist())
-    order = method_order(grouped["method"].unique().tolist(), ref)
-    grouped["_o"] = grouped["method"].map(order.index)
-    grouped = grouped.sort_values(["model", "task", "gen_length", "_o"]).drop(columns="_o")
-    return grouped.reset_index(drop=True)
+    order = method_order(grouped[base].unique().tolist(), ref)
+    grouped["_o"] = grouped[base].map(order.index)
+    grouped = grouped.sort_values(["model", "task", "gen_length", "_o"] + (["batch_size"] if sweep else []))
+    return grouped.drop(columns="_o").reset_index(drop=True)
+
+
+def _tps_ratio(grouped: pd.DataFrame, base: pd.DataFrame, keys: list[str]) -> list[float]:
+    """Each row's tps over the tps of the ``base`` row with the same ``keys`` (NaN when either is missing)."""
+    base_tps = base.set_index(keys)["tps"]
+    out = []
+    for k, t in zip(grouped[keys].itertuples(index=False, name=None), grouped["tps"]):
+        b = base_tps.get(k)
+        out.append(t / b if not _nan(t) and not _nan(b) and b != 0 else float("nan"))
+    return out
 
 
 def _nan(v) -> bool:
@@ -207,6 +249,18 @@ def method_order(methods: list[str], reference: Optional[str]) -> list[str]:
     return sorted(methods, key=lambda m: (m != reference, natural(m)))
 
 
+def grouped_method_order(grouped: pd.DataFrame) -> list[str]:
+    """The method labels of a grouped frame in display order: :func:`method_order`, and in a batch
+    sweep each variant's batch sizes together, smallest first (the reference's first)."""
+    ref = grouped["reference"].iloc[0]
+    if not is_batch_sweep(grouped):
+        return method_order(grouped["method"].unique().tolist(), ref)
+    order = method_order(grouped["base_method"].unique().tolist(), ref)
+    pairs = {(order.index(b), int(n), m) for b, n, m in zip(grouped["base_method"], grouped["batch_size"],
+                                                             grouped["method"])}
+    return [m for _, _, m in sorted(pairs)]
+
+
 def pareto_front(x: Sequence[float], y: Sequence[float]) -> list[bool]:
     """True where no other point has x >= and y >= with one of them strictly greater (missing x: False)."""
     pts = [(a, b) for a, b in zip(x, y)]
@@ -233,8 +287,7 @@ def _columns(grouped: pd.DataFrame) -> list[tuple[str, int]]:
 
 
 def _rows(grouped: pd.DataFrame) -> list[tuple[str, str]]:
-    ref = grouped["reference"].iloc[0]
-    order = method_order(grouped["method"].unique().tolist(), ref)
+    order = grouped_method_order(grouped)
     pairs = {(m, meth) for m, meth in zip(grouped["model"], grouped["method"])}
     return sorted(pairs, key=lambda p: (p[0], order.index(p[1])))
 
@@ -307,7 +360,7 @@ def _panels(grouped: pd.DataFrame) -> list[tuple[str, str]]:
 def _styles(grouped: pd.DataFrame):
     import matplotlib
 
-    methods = method_order(grouped["method"].unique().tolist(), grouped["reference"].iloc[0])
+    methods = grouped_method_order(grouped)
     if len(methods) <= 10:
         cmap, n = matplotlib.colormaps["tab10"], 10
     else:  # distinct colours up to 20 methods (dark/light pairs), then they repeat
@@ -405,6 +458,56 @@ def plot_tps_vs_length(grouped: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_tps_vs_batch(grouped: pd.DataFrame, path: Path) -> None:
+    """TPS against batch size (log2 axis), one line per sampler variant (the label without the
+    batch), one panel per (model, task) row and generation-length column; a batch sweep only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = grouped["reference"].iloc[0]
+    methods = method_order(grouped["base_method"].unique().tolist(), ref)
+    cmap, n = (matplotlib.colormaps["tab10"], 10) if len(methods) <= 10 else (matplotlib.colormaps["tab20"], 20)
+    colors = {m: cmap(i % n) for i, m in enumerate(methods)}
+    rows, lengths = _panels(grouped), sorted(int(L) for L in grouped["gen_length"].unique())
+    sizes = sorted(int(b) for b in grouped["batch_size"].unique())
+    width, height = _figsize(len(lengths), methods, extra_entries=0)
+    fig, axes = plt.subplots(len(rows), len(lengths), squeeze=False, constrained_layout=True,
+                             figsize=(width, max(height, 3.8 * len(rows))))
+    drawn = {}
+    for (model, task), row in zip(rows, axes):
+        for L, ax in zip(lengths, row):
+            g = grouped[(grouped["model"] == model) & (grouped["task"] == task) & (grouped["gen_length"] == L)]
+            if g.empty:
+                ax.set_axis_off()
+                continue
+            for m in methods:
+                line = g[g["base_method"] == m].dropna(subset=["tps"]).sort_values("batch_size")
+                if len(line):
+                    drawn[m] = ax.plot(line["batch_size"], line["tps"], marker="o", color=colors[m],
+                                       label=_wrap(m))[0]
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sizes)
+            ax.set_xticklabels([str(b) for b in sizes])
+            ax.minorticks_off()
+            ax.set_xlim(sizes[0] / 1.5, sizes[-1] * 1.5)
+            ax.set_title(f"{model} · {task} · L = {L}")
+            ax.set_xlabel("batch size (prompts per generate call)")
+            ax.set_ylabel("tokens per second (to first EOS)")
+            ax.set_ylim(bottom=0)
+            ax.grid(True, alpha=0.3)
+    handles, labels = [], []
+    for m in (m for m in methods if m in drawn):
+        # a variant measured at one batch size only (a sampler that decodes one prompt per call) says so
+        measured = sorted({int(b) for b in grouped.loc[grouped["base_method"] == m, "batch_size"]})
+        handles.append(drawn[m])
+        labels.append(drawn[m].get_label() + (f"\n  (batch {measured[0]} only)" if len(measured) == 1 else ""))
+    fig.legend(handles, labels, loc="outside right upper", frameon=False, fontsize=9)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------ the command
 
 
@@ -439,11 +542,21 @@ def write_report(paths: Sequence[Path], out: Optional[Path] = None, reference: O
              f"seconds, warm-up rows excluded (`tps_budget` in grouped.csv: all `gen_length` tokens). "
              f"Hardware: {environment_note(df)}.\n\nRows: {len(df)} from "
              f"{df['run_dir'].nunique()} run directories under {', '.join(f'`{p}`' for p in paths)}.")
+    if is_batch_sweep(grouped):
+        sizes = ", ".join(str(int(b)) for b in sorted(grouped["batch_size"].unique()))
+        notes += (f"\n\nBatch sweep (batch sizes {sizes}: prompts per generate call): each row is one "
+                  f"sampler at one batch size, `[batch b]`; the speedup is over `{ref}` at the same batch "
+                  f"size (grouped.csv: `speedup_vs_batch1`, over the same sampler at batch 1); "
+                  f"TPS against batch size: `tps_vs_batch.png`.")
+        caption += " Speedups are over the same batch size."
+        files["tps_vs_batch"] = out / "tps_vs_batch.png"
     made = f"Runs produced by `{command}`. " if command else ""
     files["md"].write_text(f"# Results\n\n{made}{notes}\n\n{markdown_table(grouped)}\n")
     files["tex"].write_text(latex_table(grouped, caption))
     plot_accuracy_vs_tps(grouped, files["accuracy_vs_tps"])
     plot_tps_vs_length(grouped, files["tps_vs_length"])
+    if "tps_vs_batch" in files:
+        plot_tps_vs_batch(grouped, files["tps_vs_batch"])
     return {k: str(v) for k, v in files.items()}
 
 

@@ -225,3 +225,72 @@ def test_rows_without_sampler_options_take_them_from_the_run_config(tmp_path):
         (d / ".hydra" / "config.yaml").write_text(
             f"gen_length: 32\nsampler:\n  name: blockwise\n  gen_length: ${{gen_length}}\n  steps: {steps}\n")
     assert sorted(gather([tmp_path])["method"].unique()) == ["blockwise (steps=16)", "blockwise (steps=32)"]
+
+
+# ------------------------------------------------------------------ a batch sweep (rows of several batch sizes)
+
+
+def _batched(rows, size, seconds):
+    """``rows`` as one run at ``size`` prompts per generate call: batches of consecutive rows share
+    their batch key, fingerprint and ``seconds`` (one per batch); the first batch is the warm-up."""
+    out = []
+    for i, r in enumerate(rows):
+        fp = f"{r['fingerprint']}-b{size}"
+        out.append({**r, "batch_size": size, "fingerprint": fp, "batch": f"{fp}:{i // size}",
+                    "seconds": seconds[i // size], "warmup": i < size})
+    return out
+
+
+@pytest.fixture
+def batch_sweep(tmp_path):
+    # batch 1: SPECS (blockwise 15 TPS, fast_dllm 30) and asynclane (batch 1 only, as a sampler that
+    # cannot batch); batch 2, timed batch = examples 2-3: blockwise 50 tokens / 1.0 s = 50 TPS,
+    # fast_dllm 40 / 0.5 = 80 TPS
+    bw, fd = SPECS[("blockwise", 32)], SPECS[("fast_dllm", 32)]
+    rows = (_rows("blockwise", 32, bw) + _rows("fast_dllm", 32, fd) + _rows("asynclane", 32, fd)
+            + _batched(_rows("blockwise", 32, bw), 2, [9.0, 1.0]) + _batched(_rows("fast_dllm", 32, fd), 2, [9.0, 0.5]))
+    (tmp_path / SAMPLES).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def test_batch_sizes_are_kept_apart_and_compared_at_the_same_size(batch_sweep):
+    df = gather([batch_sweep])
+    assert sorted(df["method"].unique()) == ["asynclane [batch 1]", "blockwise [batch 1]", "blockwise [batch 2]",
+                                             "fast_dllm [batch 1]", "fast_dllm [batch 2]"]
+    g = group(df)
+    assert list(g["method"]) == ["blockwise [batch 1]", "blockwise [batch 2]", "asynclane [batch 1]",
+                                 "fast_dllm [batch 1]", "fast_dllm [batch 2]"]
+    assert set(g["reference"]) == {"blockwise"} and set(g["n"]) == {4}
+    c = g.set_index("method")
+    assert c.loc["blockwise [batch 2]", "tps"] == pytest.approx(50.0)
+    assert c.loc["fast_dllm [batch 2]", "tps"] == pytest.approx(80.0)
+    # speedup: over blockwise at the same batch size; speedup_vs_batch1: over the same sampler at batch 1
+    assert c.loc["fast_dllm [batch 1]", "speedup"] == pytest.approx(2.0)
+    assert c.loc["fast_dllm [batch 2]", "speedup"] == pytest.approx(80 / 50)
+    assert c.loc["blockwise [batch 2]", "speedup_vs_batch1"] == pytest.approx(50 / 15)
+    assert c.loc["fast_dllm [batch 2]", "speedup_vs_batch1"] == pytest.approx(80 / 30)
+    assert c.loc["asynclane [batch 1]", "speedup_vs_batch1"] == pytest.approx(1.0)
+    assert c.loc["fast_dllm [batch 2]", "base_method"] == "fast_dllm" and c.loc["fast_dllm [batch 2]", "batch_size"] == 2
+    md = markdown_table(g).splitlines()
+    assert md[3] == "| blockwise [batch 2] | 75.0 / 50.0 (1.00×) / 32.0 |"
+    assert md[6] == "| fast_dllm [batch 2] | 75.0 / 80.0 (1.60×) / 9.5 |"
+    # an explicit reference is a label without the batch
+    c = group(df, reference="fast_dllm").set_index("method")
+    assert c.loc["blockwise [batch 2]", "speedup"] == pytest.approx(50 / 80)
+
+
+def test_batch_sweep_report_adds_the_tps_vs_batch_plot(batch_sweep, synthetic, tmp_path):
+    files = write_report([batch_sweep], out=tmp_path / "sweep")
+    with open(files["tps_vs_batch"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    md = open(files["md"]).read()
+    assert "Batch sweep (batch sizes 1, 2" in md and "| fast_dllm [batch 2] |" in md
+    import pandas as pd
+
+    csv = pd.read_csv(files["csv"])
+    assert {"batch_size", "base_method", "speedup_vs_batch1"} <= set(csv.columns)
+    # rows of one batch size: no batch labels, columns or plot (a batch-1 report is unchanged)
+    files = write_report([synthetic], out=tmp_path / "plain")
+    assert "tps_vs_batch" not in files and not (tmp_path / "plain" / "tps_vs_batch.png").exists()
+    assert not {"batch_size", "base_method", "speedup_vs_batch1"} & set(pd.read_csv(files["csv"]).columns)
+    assert "[batch" not in open(files["md"]).read() and "Batch sweep" not in open(files["md"]).read()
