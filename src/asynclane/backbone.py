@@ -227,9 +227,10 @@ class Transformer(nn.Module):
         (R, S + 1, 2 n_kv, hd) tensors, of which slots [0, S) are attended.  write: how this call's
         K/V enter their slots first: ``("copy", idx)`` (idx (T,): the same slots in every row,
         ``index_copy_``), ``("put", rows, idx)`` (idx (B, T): per-row slots, ``index_put_``) or
-        ``("rows", rows, idx, spread_to, spread_from)`` (call row i is cache row ``rows[i]`` (B,) and
-        attends that row only, its slots idx (B, T); after the layer cache rows ``spread_to`` (M,)
-        take the fresh K/V of call rows ``spread_from`` (M,) at those rows' slots; M may be 0).
+        ``("rows", rows, idx, spread_to, spread_from, dense)`` (call row i is cache row ``rows[i]``
+        (B,) and attends that row only, its slots idx (B, T); after the layer cache rows ``spread_to``
+        (M,) take the fresh K/V of call rows ``spread_from`` (M,) at those rows' slots; M may be 0;
+        ``dense``: ``rows`` is every cache row in order, so the keys are the cache itself, no gather).
         restore: put the overwritten slots back after the call (a read-only call).  spread: > 0 for
         a lane call: after the layer, rows 1..R-1 take row 0's fresh K/V (the cache keeps row 0).
         """
@@ -265,7 +266,7 @@ class Transformer(nn.Module):
                     if restore:
                         saved = c[at, write[2]]
                     c.index_put_((at, write[2]), fresh)
-                    keys = c.index_select(0, write[1])[:, :-1]
+                    keys = c[:, :-1] if write[5] else c.index_select(0, write[1])[:, :-1]
             k, v = keys[:, :, :Hkv].transpose(1, 2), keys[:, :, Hkv:].transpose(1, 2)
             att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
             if kv is not None:
@@ -634,7 +635,7 @@ class Backbone:
         return call, rows
 
     @torch.no_grad()
-    def step_rows(self, ids: torch.Tensor, cache: KVCache, rows: torch.Tensor, slots: torch.Tensor,
+    def step_rows(self, ids: torch.Tensor, cache: KVCache, rows: Sequence[int], slots: torch.Tensor,
                   real: torch.Tensor, predict: torch.Tensor, *, write: bool = True,
                   spread: Optional[tuple] = None) -> torch.Tensor:
         """A ragged decode call (the step of :mod:`asynclane.rowpool`): call row ``i`` is cache row
@@ -642,7 +643,8 @@ class Backbone:
         attends that cache row's filled slots plus its own fresh K/V, as :meth:`step` does for a row.
 
         ids, slots, real: (N, T); ``real`` False marks padding (its slot must be the sink, ``S``).
-        rows: (N,) cache rows, distinct.  predict: (N, P) indices into each row's T tokens.
+        rows: the N cache rows (host ints, distinct; every row in order attends the cache in place, any
+        other set a gathered copy of its rows).  predict: (N, P) indices into each row's T tokens.
         write: keep the fresh K/V (and mark the slots filled with their tokens); False: read-only.
         spread: ``(to, frm)`` (M,) each: after the call, cache row ``to[j]`` takes the fresh K/V and
         tokens of call row ``frm[j]`` at its slots (a lane cache keeping its row 0 in every lane row).
@@ -651,6 +653,8 @@ class Backbone:
         """
         N, T = ids.shape
         S, m, dev = cache.length, self.model, ids.device
+        dense = list(rows) == list(range(cache.rows))
+        rows = torch.tensor(list(rows), dtype=torch.long, device=dev)
         pos = cache.positions.index_select(0, rows).gather(1, slots.clamp(max=S - 1))
         own = torch.zeros(N, S + 1, dtype=torch.bool, device=dev).scatter_(1, slots, real)[:, :S]
         if cache.valid is not None:
@@ -659,7 +663,7 @@ class Backbone:
         to, frm = spread if spread is not None and write else (rows.new_zeros(0), rows.new_zeros(0))
         h = m.embed(ids)
         cos, sin = m.rope(pos, h.dtype)
-        hidden = m._layers_fn(h, cos, sin, mask, cache.kv, ("rows", rows, slots, to, frm), not write, 0)
+        hidden = m._layers_fn(h, cos, sin, mask, cache.kv, ("rows", rows, slots, to, frm, dense), not write, 0)
         if write:
             all_rows = torch.cat((rows, to))
             all_slots = torch.cat((slots, slots.index_select(0, frm)))

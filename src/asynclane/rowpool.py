@@ -324,7 +324,7 @@ class RowPool:
                 frm += [base] * (r.cache.lanes - 1)
             sizes.append((R, r.predict.shape[1]))
         dev = ids[0].device
-        logits = self.backbone.step_rows(torch.cat(ids), cache, torch.tensor(rows, device=dev), torch.cat(slots),
+        logits = self.backbone.step_rows(torch.cat(ids), cache, rows, torch.cat(slots),
                                          torch.cat(real), torch.cat(pred), write=reqs[order[0]].write,
                                          spread=(torch.tensor(to, dtype=torch.long, device=dev),
                                                  torch.tensor(frm, dtype=torch.long, device=dev)))

@@ -42,7 +42,7 @@ def _rows_call(bb, cache, x, rows, cols, predict, write, spread=None):
     slots = torch.tensor([c + [S] * (T - len(c)) for c in cols])
     real = torch.tensor([[j < len(c) for j in range(T)] for c in cols])
     spread = None if spread is None else tuple(torch.tensor(s, dtype=torch.long) for s in spread)
-    return bb.step_rows(ids, cache, torch.tensor(rows), slots, real, torch.tensor(predict), write=write,
+    return bb.step_rows(ids, cache, rows, slots, real, torch.tensor(predict), write=write,
                         spread=spread)
 
 
@@ -119,7 +119,7 @@ class Recorder(LogitsHook):
         self.calls, self.fail_at = [], fail_at
 
     def step_rows(self, ids, cache, rows, slots, real, predict, **kwargs):
-        self.calls.append((rows.tolist(), real.sum(1).tolist()))
+        self.calls.append((list(rows), real.sum(1).tolist()))
         if self.fail_at is not None and len(self.calls) == self.fail_at:
             raise RuntimeError("boom")
         return super().step_rows(ids, cache, rows, slots, real, predict, **kwargs)

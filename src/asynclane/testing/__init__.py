@@ -138,7 +138,8 @@ class LogitsHook:
 
     def step_rows(self, ids, cache, rows, slots, real, predict, **kwargs):
         S = cache.length
-        pos = cache.positions.index_select(0, rows).gather(1, slots.clamp(max=S - 1))
+        pos = cache.positions.index_select(0, torch.tensor(list(rows), device=ids.device)).gather(
+            1, slots.clamp(max=S - 1))
         ids = self.edit_ids(ids, pos)
         logits = self._bb.step_rows(ids, cache, rows, slots, real, predict, **kwargs)
         return self.adjust(logits, ids, pos, predict)
