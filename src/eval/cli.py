@@ -9,7 +9,8 @@ Light on purpose (Hydra and OmegaConf, no torch), so a bad command answers befor
 - :func:`check_output_dir`: the output directory must be creatable and writable, and the files
   a run writes into it must be files.
 - :class:`Preflight`: a Hydra callback (``hydra.callbacks`` in conf/config.yaml) running both
-  checks before Hydra creates the output directory.
+  checks before Hydra creates the output directory (under ``torchrun``, after giving every rank
+  rank 0's ``${now:...}``, so that all ranks share one directory: :mod:`eval.distributed`).
 - :func:`run_cli` / :func:`one_line_errors`: print that line on stderr and exit with status 2;
   with ``HYDRA_FULL_ERROR=1`` the traceback instead.
 - :func:`error_line`: the one line for an exception (ours, an altered or malformed data file,
@@ -121,6 +122,10 @@ class Preflight(Callback):
         from omegaconf import OmegaConf
 
         with one_line_errors():  # Hydra turns a callback's exception into a warning: exit here
+            from .distributed import env_world, share_start_time
+
+            if env_world().distributed:  # under torchrun: one output directory for all ranks (rank 0's time)
+                share_start_time(config)
             check_keys(config)
             check_output_dir(OmegaConf.select(config, key), key)
 

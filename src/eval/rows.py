@@ -8,17 +8,39 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 log = logging.getLogger(__name__)
 
 SAMPLES, SUMMARY, TRACES = "samples.jsonl", "summary.json", "traces.jsonl"
 
+
+def rank_file(name: str, rank: int) -> str:
+    """The file rank ``rank`` of a data-parallel run appends to instead of ``name``:
+    ``samples.rank<k>.jsonl`` for ``samples.jsonl`` (``traces.rank<k>.jsonl`` for traces)."""
+    stem, dot, ext = name.rpartition(".")
+    return f"{stem}.rank{rank}{dot}{ext}"
+
+
+def rank_files(out_dir: Path, name: str = SAMPLES) -> list[Path]:
+    """The per-rank files of ``name`` in ``out_dir`` (any world size's), in rank order."""
+    stem, dot, ext = name.rpartition(".")
+    pattern = re.compile(rf"{re.escape(stem)}\.rank(\d+){re.escape(dot + ext)}")
+    found = [(int(m.group(1)), p) for p in Path(out_dir).glob(f"{stem}.rank*{dot}{ext}")
+             if (m := pattern.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 CONVENTIONS = {
     "gen_tokens": "generated tokens up to and including the first EOS-like token, prompt excluded",
     "tps": "sum gen_tokens / sum generate seconds over non-warm-up rows (each batch once) of one torch "
-           "thread count (`threads`; with rows of several, the most common, each in `tps_by_threads`)",
+           "thread count (`threads`; with rows of several, the most common, each in `tps_by_threads`); "
+           "per process: in a data-parallel run, all ranks' rows (per-GPU throughput)",
+    "tps_wall": "data-parallel runs (`data_parallel`): the tokens all ranks generated in this invocation / the "
+                "slowest rank's generation-loop seconds (warm-up included, model loading excluded)",
     "tps_budget": "gen_length tokens per example / the same seconds (all-budget convention)",
     "nfe": "model forward calls per generate call (batch value on each row)",
     "tokens_per_nfe": "sum gen_tokens / sum nfe",
@@ -63,6 +85,65 @@ def read_rows(path: Path) -> list[dict]:
             except json.JSONDecodeError:
                 log.warning("%s:%d is not a complete JSON row (killed run?); ignored", path, n)
     return rows
+
+
+def merge_rank_files(out_dir: Path, fingerprint: str, example_ids: Sequence[str]) -> int:
+    """Fold the per-rank row files of a data-parallel run into ``samples.jsonl``; returns the rows added.
+
+    ``samples.jsonl`` keeps its rows byte for byte (a torn last line, from a kill, is cut off with a
+    warning); each rank-file row not already in it (the same ``fingerprint`` and ``example_id``) is
+    appended once: the rows of ``fingerprint`` in the order of ``example_ids``, then any others (rows
+    of another configuration run into the same directory) in file order.  The new file replaces the old
+    in one rename, and only then are the rank files removed, so a kill at any point loses no row (a
+    kill between the two leaves rows in both places, which the next merge does not add twice).
+    Torn lines in a rank file (a rank killed mid-write) are skipped: those examples run again.
+    """
+    out_dir = Path(out_dir)
+    files = rank_files(out_dir)
+    if not files:
+        return 0
+    samples = out_dir / SAMPLES
+    kept = samples.read_bytes() if samples.exists() else b""
+    if kept and not kept.endswith(b"\n"):
+        cut = kept.rfind(b"\n") + 1
+        log.warning("%s ends in a torn line (killed run?): cutting %d bytes; that example reruns", samples,
+                    len(kept) - cut)
+        kept = kept[:cut]
+    seen = {(r.get("fingerprint"), r.get("example_id")) for r in read_rows(samples)}
+    new = []
+    for f in files:
+        for r in read_rows(f):
+            key = (r.get("fingerprint"), r.get("example_id"))
+            if key not in seen:
+                seen.add(key)
+                new.append(r)
+    position = {eid: i for i, eid in enumerate(example_ids)}
+    new.sort(key=lambda r: (0, position.get(r.get("example_id"), len(position)))
+             if r.get("fingerprint") == fingerprint else (1, 0))  # stable: the rest keep file order
+    tmp = samples.with_name(samples.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(kept + "".join(json.dumps(r) + "\n" for r in new).encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, samples)
+    for f in files:
+        f.unlink()
+    log.info("merged %d row(s) from %s into %s", len(new), ", ".join(f.name for f in files), samples)
+    return len(new)
+
+
+def merge_rank_traces(out_dir: Path) -> None:
+    """Append the per-rank trace files of a data-parallel run (``save_traces=true``) to ``traces.jsonl``,
+    in rank order and whole lines only, then remove them."""
+    files = rank_files(out_dir, TRACES)
+    if not files:
+        return
+    with Appender(Path(out_dir) / TRACES) as out:
+        for f in files:
+            data = f.read_text(encoding="utf-8")
+            out.write(data[: data.rfind("\n") + 1])
+    for f in files:
+        f.unlink()
 
 
 def summarize(rows: list[dict]) -> dict:

@@ -27,6 +27,16 @@ generator) and only its missing rows are written.  At temperature 0 on a CPU a k
 run's rows, and so its summary, equal an uninterrupted run's, timing aside, at any batch size.
 ``summary.json`` is computed from the rows alone (:func:`eval.rows.summarize`, pandas).
 
+Data parallel (``torchrun --nproc_per_node N -m eval``, :mod:`eval.distributed`): every rank builds
+the same batches; rank 0 alone reads the directory: it folds rank files a previous run left into
+``samples.jsonl``, finds the batches still missing and deals them out in turn (batch i to rank
+i mod N).  Each rank, with its own model copy, appends its rows (``rank``, ``world_size`` on each)
+to ``samples.rank<k>.jsonl``; once all have finished, rank 0 merges those into ``samples.jsonl``
+(:func:`eval.rows.merge_rank_files`) and writes ``summary.json`` from the merged rows, as one
+process would, plus ``data_parallel`` (the job's wall-clock throughput).  A batch's generator
+depends on (seed, its first example id), not on the process that runs it, so the rows equal a
+single process's, timing aside; a dead rank's rows, and everyone else's, stay in the rank files.
+
 Length guard (before the weights load, from config.json, training.json and the tokenizer): a
 run whose longest prompt + ``gen_length`` exceeds the model's ``max_length`` is a usage error; one
 past the context the model was trained for (``model.trained_context``, else the checkpoint's
@@ -45,7 +55,7 @@ import platform
 import random
 import subprocess
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -57,8 +67,10 @@ from asynclane import CheckpointError, CheckpointNotFound, CountingBackbone, bui
 from asynclane.loading import TINY_DIR, checkpoint_id, context_limits, load_tokenizer, resolve_device, resolve_dtype
 from asynclane.sampler import first_eos_cut
 
+from . import distributed
 from .cli import UsageError, check_keys, check_output_dir, preset
-from .rows import SAMPLES, SUMMARY, TRACES, Appender, read_rows, summarize, write_rows
+from .rows import (SAMPLES, SUMMARY, TRACES, Appender, merge_rank_files, merge_rank_traces, rank_file, read_rows,
+                   summarize, write_rows)
 from .tasks import build_task
 from .tasks.sources import SOURCE_OPTIONS
 
@@ -95,6 +107,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict:
 
 
 def _run(cfg: DictConfig, out_dir: Path) -> dict:
+    world = distributed.world()
     out_dir = Path(out_dir)
     check_output_dir(out_dir)
     conf = OmegaConf.to_container(cfg, resolve=True)
@@ -111,7 +124,8 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict:
         dtype = resolve_dtype(conf["dtype"])
     except ValueError as e:
         raise UsageError(str(e)) from e
-    conf["device"] = str(device)
+    conf["device"] = str(device)  # the fingerprint's: the same on every rank ("cuda", not cuda:<rank>)
+    device = distributed.rank_device(device, world)
     model = conf["model"]
     with _checkpoint_errors(model):  # the weights' identity is part of the fingerprint: rows from
         model["checkpoint_id"] = checkpoint_id(model.get("path") or TINY_DIR)  # other weights never resume
@@ -122,18 +136,29 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict:
     torch.manual_seed(seed)
 
     examples = task.examples(conf["limit"], seed, conf["limit_mode"])
+    ids = [ex.id for ex in examples]
     warnings += _length_guard(model, task, examples, int(conf["gen_length"]))
     samples = out_dir / SAMPLES
-    done = {r["example_id"] for r in read_rows(samples) if r.get("fingerprint") == fingerprint}
     # batches are fixed chunks of the example list: a resumed run regenerates a batch cut short by a
-    # kill whole (same prompts, same generator), writing only its missing rows
+    # kill whole (same prompts, same generator), writing only its missing rows; and every rank of a
+    # data-parallel run makes the same batches, so its rows equal a single process's
     bs = int(conf["batch_size"])
-    todo = [b for b in (examples[i: i + bs] for i in range(0, len(examples), bs)) if any(ex.id not in done for ex in b)]
-    n_todo = sum(ex.id not in done for b in todo for ex in b)
-    log.info("%s: %d examples, %d already in %s, %d to run", task.name, len(examples), len(examples) - n_todo,
-             samples, n_todo)
+    batches = [examples[i: i + bs] for i in range(0, len(examples), bs)]
+    plan = None
+    if world.leader:  # the one reader of the directory; the other ranks wait for its plan
+        merge_rank_files(out_dir, fingerprint, ids)  # rows a data-parallel run left in its rank files
+        done = {r["example_id"] for r in read_rows(samples) if r.get("fingerprint") == fingerprint}
+        todo = [i for i, b in enumerate(batches) if any(ex.id not in done for ex in b)]
+        n_todo = sum(ex.id not in done for i in todo for ex in batches[i])
+        log.info("%s: %d examples, %d already in %s, %d to run%s", task.name, len(examples),
+                 len(examples) - n_todo, samples, n_todo, f" on {world.size} ranks" if world.distributed else "")
+        plan = todo, {ex.id for i in todo for ex in batches[i] if ex.id in done}
+    todo, done = distributed.broadcast(plan, world)
+    mine = [batches[i] for i in todo[world.rank::world.size]]  # strided: balanced when difficulty drifts
+    rows_path = out_dir / rank_file(SAMPLES, world.rank) if world.distributed else samples
 
-    if todo:
+    generated = {"rank": world.rank, "gen_tokens": 0, "seconds": 0.0}
+    if mine:
         with _checkpoint_errors(model):
             backbone = cached_backbone(model["name"], model.get("path") or TINY_DIR, dtype, device,
                                        compile=bool(model.get("compile")))
@@ -142,33 +167,53 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict:
         common = {"task": task.name, "task_version": task.version, "task_variant": getattr(task, "variant", ""),
                   "sampler": sampler_name, "sampler_options": options,
                   "model": model["name"], "gen_length": sampler.cfg.gen_length, "seed": seed,
-                  "batch_size": bs, "fingerprint": fingerprint, "threads": threads}
+                  "batch_size": bs, "fingerprint": fingerprint, "threads": threads,
+                  "rank": world.rank, "world_size": world.size}
         if data_source is not None:
             common["data_source"] = data_source
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
+        t0 = time.perf_counter()
         try:
-            _generate_all(task, sampler, backbone, todo, done, conf, common, samples)
+            generated["gen_tokens"] = _generate_all(task, sampler, backbone, mine, done, conf, common, rows_path)
         finally:
             torch.set_num_threads(before)  # a process-wide setting: leave it as found
+        generated["seconds"] = time.perf_counter() - t0
+    per_rank = distributed.all_gather(generated, world)  # returns once every rank's rows are in its file
 
-    ids, rows = {ex.id for ex in examples}, {}
-    for r in read_rows(samples):  # first row per example id (a resumed run never writes a second)
-        if r.get("fingerprint") == fingerprint and r["example_id"] in ids:
-            rows.setdefault(r["example_id"], r)
-    rows = list(rows.values())
-    summary = summarize(rows)
-    summary.update(environment(device, dtype))
-    summary.update(sampler=sampler_name, task=task.name, task_version=task.version,
-                   task_variant=getattr(task, "variant", ""), model=conf["model"]["name"],
-                   fingerprint=fingerprint, config=conf)
-    if data_source is not None:
-        summary["data_source"] = data_source
-    if warnings:
-        summary["warnings"] = warnings
-    (out_dir / SUMMARY).write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    log.info("wrote %s and %s", samples, out_dir / SUMMARY)
-    return summary
+    summary = None
+    if world.leader:
+        merge_rank_files(out_dir, fingerprint, ids)
+        merge_rank_traces(out_dir)
+        wanted, rows = set(ids), {}
+        for r in read_rows(samples):  # first row per example id (a resumed run never writes a second)
+            if r.get("fingerprint") == fingerprint and r["example_id"] in wanted:
+                rows.setdefault(r["example_id"], r)
+        rows = list(rows.values())
+        summary = summarize(rows)
+        if world.distributed:
+            summary["data_parallel"] = _data_parallel(per_rank)
+        summary.update(environment(device, dtype))
+        summary.update(sampler=sampler_name, task=task.name, task_version=task.version,
+                       task_variant=getattr(task, "variant", ""), model=conf["model"]["name"],
+                       fingerprint=fingerprint, config=conf)
+        if data_source is not None:
+            summary["data_source"] = data_source
+        if warnings:
+            summary["warnings"] = warnings
+        (out_dir / SUMMARY).write_text(json.dumps(summary, indent=1, default=str) + "\n")
+        log.info("wrote %s and %s", samples, out_dir / SUMMARY)
+    return distributed.broadcast(summary, world)
+
+
+def _data_parallel(per_rank: list[dict]) -> dict:
+    """This invocation's ranks: their generated tokens and generation-loop seconds (warm-up included, model
+    loading excluded), and ``tps_wall``: all ranks' tokens over the slowest rank's seconds, the throughput
+    of the whole job; the summary's ``tps`` is per process (per GPU), from the rows."""
+    tokens = sum(r["gen_tokens"] for r in per_rank)
+    wall = max(r["seconds"] for r in per_rank)
+    return {"world_size": len(per_rank), "ranks": per_rank, "gen_tokens": tokens, "wall_seconds": wall,
+            "tps_wall": tokens / wall if wall > 0 else None}
 
 
 def choose_threads(requested, backbone) -> int:
@@ -187,8 +232,9 @@ def progress_due(done: int, prev: int, total: int, since_last: float) -> bool:
     return prev == 0 or done >= total or done // every > prev // every or since_last >= PROGRESS_SECONDS
 
 
-def _generate_all(task, sampler, backbone, todo, skip, conf, common, samples: Path) -> None:
-    """Generate the batches ``todo``, appending the rows of examples not in ``skip``."""
+def _generate_all(task, sampler, backbone, todo, skip, conf, common, samples: Path) -> int:
+    """Generate the batches ``todo``, appending the rows of examples not in ``skip`` to ``samples``;
+    returns the tokens generated (:func:`~asynclane.sampler.first_eos_cut`'s count, every row written)."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -198,11 +244,13 @@ def _generate_all(task, sampler, backbone, todo, skip, conf, common, samples: Pa
     on_cuda = backbone.device.type == "cuda"
     total = sum(ex.id not in skip for batch in todo for ex in batch)
     done, n_correct, last_line = 0, 0, time.monotonic()
-    timed_tokens, timed_secs = 0, 0.0  # for the live TPS (the summary recomputes from rows)
+    timed_tokens, timed_secs, written_tokens = 0, 0.0, 0  # for the live TPS (the summary recomputes from rows)
+    leader = common["rank"] == 0  # the other ranks of a data-parallel run: no bar, their lines in eval.log
+    traces = samples.parent / (rank_file(TRACES, common["rank"]) if common["world_size"] > 1 else TRACES)
     # on a terminal: a bar with live accuracy and TPS, log lines printed above it; otherwise (no bar) the
     # log lines alone, to the console and eval.log: after the first batch, each ~10%, at least once a minute
-    with Appender(samples) as out, logging_redirect_tqdm(), \
-            tqdm(total=total, desc=f"{common['sampler']}/{task.name}", unit="ex", disable=None,
+    with Appender(samples) as out, logging_redirect_tqdm() if leader else nullcontext(), \
+            tqdm(total=total, desc=f"{common['sampler']}/{task.name}", unit="ex", disable=None if leader else True,
                  dynamic_ncols=True) as bar:
         log.info("%d examples to run with %d torch thread(s) on %s", total, common["threads"], backbone.device)
         for batch in todo:
@@ -234,8 +282,9 @@ def _generate_all(task, sampler, backbone, todo, skip, conf, common, samples: Pa
                 timed_secs += seconds
             rows = [r for r in rows if r["example_id"] not in skip]  # a cut-short batch: its missing rows
             write_rows(out, rows)  # the batch in one write: a kill keeps whole rows (+ a torn tail)
+            written_tokens += sum(r["gen_tokens"] for r in rows)
             if conf.get("save_traces") and gen.trace is not None:
-                _save_trace(samples.parent / TRACES, batch, gen)
+                _save_trace(traces, batch, gen)
             n_correct += sum(bool(r["correct"]) for r in rows)
             prev, done = done, done + len(rows)
             tps = f"{timed_tokens / timed_secs:.1f}" if timed_secs else None
@@ -245,6 +294,7 @@ def _generate_all(task, sampler, backbone, todo, skip, conf, common, samples: Pa
                 last_line = time.monotonic()
                 log.info("%d/%d done, accuracy so far %.3f, TPS %s", done, total, n_correct / max(done, 1),
                          tps or "n/a (warm-up)")
+    return written_tokens
 
 
 def _save_trace(path: Path, batch, gen) -> None:

@@ -1,12 +1,45 @@
-"""Shared fixtures of the eval tests: lm-eval's own task objects on our shipped data files."""
+"""Shared fixtures of the eval tests: a private copy of the tiny model and the runner in this process
+(the resume and data-parallel tests), lm-eval's own task objects on our shipped data files."""
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import random
+import shutil
 from contextlib import contextmanager
 from types import SimpleNamespace
 from unittest import mock
 
 import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A copy of the embedded tiny model (``model.path=...``): the training job may re-export the tiny
+    model meanwhile, and rows from other weights would not compare (the fingerprint holds their id)."""
+    from asynclane.loading import TINY_DIR
+
+    d = tmp_path_factory.mktemp("tiny")
+    for f in os.listdir(TINY_DIR):
+        shutil.copy(os.path.join(TINY_DIR, f), d)
+    return d
+
+
+@pytest.fixture
+def run_in_process():
+    """``eval.runner.run`` in this process.  It is the body of one ``python -m eval`` and sets that
+    process's global state: it seeds torch's and Python's global generators and sets torch's thread
+    count.  Here those are put back afterwards, so later tests do not inherit them."""
+    from eval.runner import run
+
+    state, threads = random.getstate(), torch.get_num_threads()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield run
+    finally:
+        random.setstate(state)
+        torch.set_num_threads(threads)
 
 
 @contextmanager

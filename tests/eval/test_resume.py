@@ -11,15 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
-import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-import torch
 
 from eval.rows import SAMPLES, SUMMARY, read_rows
 
@@ -29,16 +26,6 @@ ROW_KEYS = ("example_id", "completion", "prediction", "correct", "exact", "gen_t
             "nfe", "token_forwards", "fingerprint", "sampler_options")
 SUMMARY_KEYS = ("n", "accuracy", "accuracy_exact", "finished_rate", "nfe_mean", "token_forwards_mean",
                 "tokens_per_nfe", "gen_tokens_mean", "fingerprint")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from asynclane.loading import TINY_DIR
-
-    d = tmp_path_factory.mktemp("tiny")  # a copy: the training job may re-export the tiny model meanwhile
-    for f in os.listdir(TINY_DIR):
-        shutil.copy(os.path.join(TINY_DIR, f), d)
-    return d
 
 
 def overrides(model_dir):
@@ -59,22 +46,6 @@ def reference(model_dir, tmp_path_factory):
     res = subprocess.run(command(model_dir, out), env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
-
-
-@pytest.fixture
-def run_in_process():
-    """``eval.runner.run`` in this process.  It is the body of one ``python -m eval`` and sets that
-    process's global state: it seeds torch's and Python's global generators and sets torch's thread
-    count.  Here those are put back afterwards, so later tests do not inherit them."""
-    from eval.runner import run
-
-    state, threads = random.getstate(), torch.get_num_threads()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            yield run
-    finally:
-        random.setstate(state)
-        torch.set_num_threads(threads)
 
 
 def content(rows):
