@@ -91,6 +91,13 @@ def test_every_package_is_listed_for_the_wheel():
     assert all((g / "__init__.py").exists() for g in groups), "each config group needs an __init__.py"
 
 
+def test_every_config_folder_ships_its_yaml():
+    data = _pyproject()["tool"]["setuptools"]["package-data"]
+    for folder in {p.parent for p in CONF.rglob("*.yaml")}:
+        package = ".".join(("eval", "conf", *folder.relative_to(CONF).parts))
+        assert "*.yaml" in data.get(package, []), f"{package}: its YAML files are not package data (pyproject.toml)"
+
+
 def _yaml_names(group: str) -> dict[str, str]:
     from omegaconf import OmegaConf
 

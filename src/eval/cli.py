@@ -14,7 +14,8 @@ Light on purpose (Hydra and OmegaConf, no torch), so a bad command answers befor
 - :func:`run_cli` / :func:`one_line_errors`: print that line on stderr and exit with status 2;
   with ``HYDRA_FULL_ERROR=1`` the traceback instead.
 - :func:`error_line`: the one line for an exception (ours, an altered or malformed data file,
-  Hydra's config errors), or ``None`` for anything unexpected (a bug: the traceback is printed).
+  Hydra's config errors, a launcher preset whose plugin is not installed), or ``None`` for anything
+  unexpected (a bug: the traceback is printed).
 """
 from __future__ import annotations
 
@@ -166,10 +167,13 @@ def error_line(e: BaseException) -> Optional[str]:
     """The one line (without ``error: ``) for an expected error; ``None`` for anything else."""
     from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 
+    from .launch import missing_plugin_hint
     from .tasks.datafiles import DataFileError
 
     if isinstance(e, (UsageError, DataFileError)):
         msg = str(e)
+    elif isinstance(e, MissingConfigException) and missing_plugin_hint(e.missing_cfg_file):
+        msg = f"{str(e).splitlines()[0].rstrip('.')}; {missing_plugin_hint(e.missing_cfg_file)}"  # a launcher plugin
     elif isinstance(e, MissingConfigException) and e.options:  # an unknown group choice
         msg = f"{str(e).splitlines()[0]}; valid choices: {', '.join(e.options)}"
     elif isinstance(e, OverrideParseException):

@@ -1,0 +1,1 @@
+"""Hydra's own config groups, extended (launcher/)."""
