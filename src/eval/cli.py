@@ -167,15 +167,15 @@ def error_line(e: BaseException) -> Optional[str]:
     """The one line (without ``error: ``) for an expected error; ``None`` for anything else."""
     from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 
-    from .launch import missing_plugin_hint
+    from .launch import missing_launcher_class_hint
     from .tasks.datafiles import DataFileError
 
     if isinstance(e, (UsageError, DataFileError)):
         msg = str(e)
-    elif isinstance(e, MissingConfigException) and missing_plugin_hint(e.missing_cfg_file):
-        msg = f"{str(e).splitlines()[0].rstrip('.')}; {missing_plugin_hint(e.missing_cfg_file)}"  # a launcher plugin
     elif isinstance(e, MissingConfigException) and e.options:  # an unknown group choice
         msg = f"{str(e).splitlines()[0]}; valid choices: {', '.join(e.options)}"
+    elif missing_launcher_class_hint(e):  # a launcher preset without its plugin
+        msg = missing_launcher_class_hint(e)
     elif isinstance(e, OverrideParseException):
         msg = f"cannot parse the override {e.override!r}: {e.message}"
     elif isinstance(e, HydraException):

@@ -2,11 +2,11 @@
 
 The presets need Hydra's launcher plugins (``pip install -e ".[cluster]"``):
 
-- ``parallel`` (hydra-joblib-launcher): the jobs run side by side on this machine in ``n_jobs``
+- ``joblib`` (hydra-joblib-launcher): the jobs run side by side on this machine in ``n_jobs``
   worker processes, by default one per visible GPU (:func:`gpu_count`, the resolver
   ``${eval.gpu_count:}``); :class:`PinGPUs` gives each worker one GPU.
-- ``slurm`` (hydra-submitit-launcher): one SLURM array task per job, with the GPUs SLURM grants it.
-- ``slurm_local``: the same submitit machinery on this machine, every job in its own process.
+- ``submitit_slurm`` (hydra-submitit-launcher): one SLURM array task per job, with the GPUs SLURM grants it.
+- ``submitit_local``: the same submitit machinery on this machine, every job in its own process.
 
 Loading: the runner keeps one loaded backbone per process (:func:`eval.runner.cached_backbone`).
 A submitit job is a process of its own and loads its model once.  A joblib worker is a long-lived
@@ -41,20 +41,26 @@ from omegaconf import OmegaConf
 log = logging.getLogger(__name__)
 
 JOBLIB_LAUNCHER = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
-# the Hydra plugins' own launcher configs, which the presets extend: config name -> pip package
-PLUGIN_CONFIGS = {"joblib": "hydra-joblib-launcher", "submitit_local": "hydra-submitit-launcher",
-                  "submitit_slurm": "hydra-submitit-launcher"}
 SLOTS_DIR = ".gpu_slots"
 
 
-def missing_plugin_hint(config_path: Optional[str]) -> Optional[str]:
-    """For a launcher config that only a Hydra plugin provides (``hydra/launcher/joblib``, ...), what
-    to install; None for any other config."""
-    group, _, name = (config_path or "").rpartition("/")
-    if group != "hydra/launcher" or name not in PLUGIN_CONFIGS:
-        return None
-    return (f"{config_path} is the config of the Hydra plugin {PLUGIN_CONFIGS[name]}, which is not installed: "
-            f"pip install -e \".[cluster]\"")
+# the plugins' launcher classes (the presets' _target_) -> (preset, pip package)
+PLUGIN_CLASSES = {JOBLIB_LAUNCHER: ("joblib", "hydra-joblib-launcher"),
+                  "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher":
+                      ("submitit_slurm", "hydra-submitit-launcher"),
+                  "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher":
+                      ("submitit_local", "hydra-submitit-launcher")}
+
+
+def missing_launcher_class_hint(error: BaseException) -> Optional[str]:
+    """For Hydra's ``Unknown plugin class : '<launcher>'`` (a preset chosen without its plugin installed),
+    the one line saying what to install; None for any other error."""
+    text = str(error)
+    for cls, (preset, package) in PLUGIN_CLASSES.items():
+        if isinstance(error, RuntimeError) and text.startswith("Unknown plugin class") and cls in text:
+            return (f"hydra/launcher={preset} needs the Hydra plugin {package}, which is not installed: "
+                    f"pip install -e \".[cluster]\"")
+    return None
 
 
 def nvidia_smi_gpus() -> list[str]:
@@ -80,7 +86,7 @@ def visible_gpus(environ: Mapping[str, str] = os.environ,
 
 def gpu_count() -> int:
     """The resolver ``${eval.gpu_count:}``: the number of visible GPUs, or 1 on a machine without
-    one (the ``parallel`` preset's ``n_jobs``; on a CPU give ``hydra.launcher.n_jobs=N``)."""
+    one (the ``joblib`` preset's ``n_jobs``; on a CPU give ``hydra.launcher.n_jobs=N``)."""
     return max(1, len(visible_gpus()))
 
 
@@ -146,7 +152,7 @@ def is_joblib(config) -> bool:
 
 
 class PinGPUs(Callback):
-    """Under the joblib launcher (``hydra/launcher=parallel``), each worker process takes one GPU
+    """Under the joblib launcher (``hydra/launcher=joblib``), each worker process takes one GPU
     (:func:`pin_process_gpu`) before its first job runs; under any other launcher it does nothing."""
 
     def on_multirun_start(self, config, **kwargs) -> None:

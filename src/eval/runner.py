@@ -44,7 +44,7 @@ past the context the model was trained for (``model.trained_context``, else the 
 ``summary.json``'s ``warnings``.
 
 Backbones are cached by (path, dtype, device) for the process: a Hydra multirun loads each
-checkpoint once (under ``hydra/launcher=parallel`` once per worker process, under submitit once
+checkpoint once (under ``hydra/launcher=joblib`` once per worker process, under submitit once
 per job: :mod:`eval.launch`).
 """
 from __future__ import annotations

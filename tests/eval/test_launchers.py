@@ -1,9 +1,9 @@
-"""The launcher presets (conf/hydra/launcher/) and the GPU pin behind ``parallel`` (eval.launch).
+"""The launcher presets (conf/hydra/launcher/) and the GPU pin behind ``joblib`` (eval.launch).
 
 The pin's logic runs here with a fake GPU list.  The sweeps need Hydra's launcher plugins (the
-``cluster`` extra) and skip without them: a 2 x 2 sweep on the embedded model under ``parallel``
-(joblib, two workers pinned to two fake GPUs, run on the CPU) and under ``slurm_local`` (submitit,
-one process per job) gives the same rows as under the basic launcher; the ``slurm`` preset, which
+``cluster`` extra) and skip without them: a 2 x 2 sweep on the embedded model under ``joblib``
+(joblib, two workers pinned to two fake GPUs, run on the CPU) and under ``submitit_local`` (submitit,
+one process per job) gives the same rows as under the basic launcher; the ``submitit_slurm`` preset, which
 needs a cluster, is run up to ``sbatch`` (a stand-in that keeps the script it is given).
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from eval import launch
@@ -118,13 +117,21 @@ def test_pin_acts_only_under_the_joblib_launcher(tmp_path, monkeypatch):
 
 
 def test_a_missing_launcher_plugin_is_one_line_naming_the_extra():
-    e = MissingConfigException("In 'hydra/launcher/parallel': Could not load 'hydra/launcher/joblib'.\n"
-                               "Config search path:\n\t...", missing_cfg_file="hydra/launcher/joblib")
-    line = error_line(e)
-    assert line == ("In 'hydra/launcher/parallel': Could not load 'hydra/launcher/joblib'; hydra/launcher/joblib is "
-                    f"the config of the Hydra plugin hydra-joblib-launcher, which is not installed: {INSTALL}")
-    assert launch.missing_plugin_hint("hydra/launcher/nope") is None
-    assert launch.missing_plugin_hint("sampler/joblib") is None
+    """Hydra's error for a preset whose plugin is absent (its launcher class is unknown)."""
+    for cls, (preset, package) in launch.PLUGIN_CLASSES.items():
+        line = error_line(RuntimeError(f"Unknown plugin class : '{cls}'"))
+        assert line == f"hydra/launcher={preset} needs the Hydra plugin {package}, which is not installed: {INSTALL}"
+    assert error_line(RuntimeError("Unknown plugin class : 'x.Y'")) is None
+    assert error_line(RuntimeError("something else")) is None
+
+
+def test_the_presets_name_the_plugin_classes():
+    """Each preset has the name and _target_ of its plugin's config (so it merges onto that schema)."""
+    import eval.conf
+
+    conf = Path(eval.conf.__file__).parent / "hydra" / "launcher"
+    for cls, (preset, _) in launch.PLUGIN_CLASSES.items():
+        assert OmegaConf.load(conf / f"{preset}.yaml")["_target_"] == cls
 
 
 # ------------------------------------------------------------------ the presets compose
@@ -137,27 +144,27 @@ def _hydra_cfg(*overrides: str):
 
 
 @needs_joblib
-def test_parallel_preset_runs_one_worker_per_visible_gpu(monkeypatch):
+def test_joblib_preset_runs_one_worker_per_visible_gpu(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
-    launcher = _hydra_cfg("hydra/launcher=parallel").launcher
+    launcher = _hydra_cfg("hydra/launcher=joblib").launcher
     assert launcher._target_ == launch.JOBLIB_LAUNCHER and launcher.n_jobs == 4
-    assert _hydra_cfg("hydra/launcher=parallel", "hydra.launcher.n_jobs=2").launcher.n_jobs == 2
+    assert _hydra_cfg("hydra/launcher=joblib", "hydra.launcher.n_jobs=2").launcher.n_jobs == 2
 
 
 @needs_submitit
 def test_slurm_preset_composes_with_its_options():
-    launcher = _hydra_cfg("hydra/launcher=slurm").launcher
+    launcher = _hydra_cfg("hydra/launcher=submitit_slurm").launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_task, launcher.cpus_per_task, launcher.mem_gb,
             launcher.timeout_min, launcher.array_parallelism) == (None, 1, 8, 64, 240, 16)
-    launcher = _hydra_cfg("hydra/launcher=slurm", "hydra.launcher.partition=a100", "hydra.launcher.timeout_min=30",
+    launcher = _hydra_cfg("hydra/launcher=submitit_slurm", "hydra.launcher.partition=a100", "hydra.launcher.timeout_min=30",
                           "hydra.launcher.gpus_per_task=null", "hydra.launcher.gres=gpu:1",
                           "hydra.launcher.setup=[module load cuda]").launcher
     assert (launcher.partition, launcher.timeout_min, launcher.gpus_per_task, launcher.gres,
             list(launcher.setup)) == ("a100", 30, None, "gpu:1", ["module load cuda"])
     with pytest.raises(Exception, match="partiton"):  # the plugin's schema refuses a misspelt key
-        _hydra_cfg("hydra/launcher=slurm", "hydra.launcher.partiton=a100")
-    local = _hydra_cfg("hydra/launcher=slurm_local").launcher
+        _hydra_cfg("hydra/launcher=submitit_slurm", "hydra.launcher.partiton=a100")
+    local = _hydra_cfg("hydra/launcher=submitit_local").launcher
     assert local._target_.endswith("LocalLauncher") and (local.gpus_per_node, local.timeout_min) == (1, 240)
 
 
@@ -190,12 +197,13 @@ def basic_sweep(tmp_path_factory) -> dict[str, list[dict]]:
 
 
 @needs_joblib
-def test_parallel_sweep_pins_a_gpu_per_worker_and_gives_the_basic_rows(basic_sweep, tmp_path):
+def test_joblib_sweep_pins_a_gpu_per_worker_and_gives_the_basic_rows(basic_sweep, tmp_path):
     # two fake GPUs: n_jobs comes from CUDA_VISIBLE_DEVICES, each worker pins one (the CPU build runs anyway)
-    res = _eval("-m", "hydra/launcher=parallel", *SWEEP, f"hydra.sweep.dir={tmp_path}", cwd=tmp_path,
+    res = _eval("-m", "hydra/launcher=joblib", *SWEEP, f"hydra.sweep.dir={tmp_path}", cwd=tmp_path,
                 env={"CUDA_VISIBLE_DEVICES": "7,9"})
     assert res.returncode == 0, res.stderr[-3000:]
     assert "n_jobs=2" in res.stdout + res.stderr  # the joblib launcher's own report of its settings
+    assert "deprecated" not in res.stderr  # the preset merges onto the plugin's schema without Hydra's note
     assert _rows(tmp_path) == basic_sweep
     logs = [(tmp_path / "arith" / job / "eval.log").read_text() for job in JOB_DIRS]
     pins = {}  # worker pid -> GPU: a worker pins in its first job, and its later jobs keep the pin
@@ -209,8 +217,8 @@ def test_parallel_sweep_pins_a_gpu_per_worker_and_gives_the_basic_rows(basic_swe
 
 
 @needs_submitit
-def test_slurm_local_sweep_gives_the_basic_rows(basic_sweep, tmp_path):
-    res = _eval("-m", "hydra/launcher=slurm_local", *SWEEP, f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)
+def test_submitit_local_sweep_gives_the_basic_rows(basic_sweep, tmp_path):
+    res = _eval("-m", "hydra/launcher=submitit_local", *SWEEP, f"hydra.sweep.dir={tmp_path}", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert _rows(tmp_path) == basic_sweep
     for job in JOB_DIRS:  # one process per job: each loads the model once
@@ -219,7 +227,7 @@ def test_slurm_local_sweep_gives_the_basic_rows(basic_sweep, tmp_path):
 
 
 @needs_submitit
-def test_slurm_sweep_submits_one_job_array_with_the_preset_options(tmp_path):
+def test_submitit_slurm_sweep_submits_one_job_array_with_the_preset_options(tmp_path):
     # no cluster here: stand-ins for srun (submitit looks for it) and sbatch (keeps its script, then refuses)
     bin_dir, script = tmp_path / "bin", tmp_path / "sbatch_script.sh"
     bin_dir.mkdir()
@@ -228,7 +236,7 @@ def test_slurm_sweep_submits_one_job_array_with_the_preset_options(tmp_path):
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     sweep = tmp_path / "sweep"
-    res = _eval("-m", "hydra/launcher=slurm", "hydra.launcher.partition=a100", "hydra.launcher.array_parallelism=2",
+    res = _eval("-m", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=a100", "hydra.launcher.array_parallelism=2",
                 "sampler=asynclane,fast_dllm", "gen_length=256,512,1024", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
                 env={"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"})
     assert res.returncode != 0 and "sbatch: error: a stand-in" in res.stderr
