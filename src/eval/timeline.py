@@ -14,7 +14,11 @@ from typing import Optional
 
 
 def load_trace(run_dir: Path, example_id: Optional[str] = None) -> tuple[str, list, dict]:
-    """(example_id, trace, info) of ``example_id`` (default: the first traced example)."""
+    """(example_id, trace, info) of ``example_id`` (default: the first traced example).
+
+    A record of a batch holds one trace per example when the sampler pooled its rows
+    (:mod:`asynclane.rowpool`: ``info["rows"]``); a natively batched call's one trace covers every
+    row and cannot be drawn per example."""
     path = Path(run_dir) / "traces.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: rerun with save_traces=true")
@@ -24,10 +28,16 @@ def load_trace(run_dir: Path, example_id: Optional[str] = None) -> tuple[str, li
             continue
         rec = json.loads(line)
         seen += rec["example_ids"]
-        if example_id is None or example_id in rec["example_ids"]:
-            if len(rec["example_ids"]) != 1:
-                raise ValueError("traces of batched generate calls cannot be drawn per example")
-            return rec["example_ids"][0], rec["trace"], rec.get("info", {})
+        ids = rec["example_ids"]
+        if example_id is None or example_id in ids:
+            i = 0 if example_id is None else ids.index(example_id)
+            if len(ids) == 1:
+                return ids[0], rec["trace"], rec.get("info", {})
+            rows = rec.get("info", {}).get("rows")
+            if rows is None or not isinstance(rec["trace"], list) or len(rec["trace"]) != len(ids):
+                raise ValueError("the trace of a natively batched generate call covers every row: it cannot be "
+                                 "drawn per example (rerun with batch_size=1)")
+            return ids[i], rec["trace"][i] or [], rows[i]
     raise KeyError(f"example {example_id!r} is not in {path}; traced examples: {', '.join(seen[:20])}")
 
 

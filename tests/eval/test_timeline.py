@@ -32,5 +32,12 @@ def test_load_trace_picks_the_example_and_names_the_choices(tmp_path):
         load_trace(tmp_path, "zz")
     with pytest.raises(FileNotFoundError, match="save_traces=true"):
         load_trace(tmp_path / "nowhere")
+    # a pooled batch (asynclane.rowpool): one trace and one info per example
+    pooled = {"example_ids": ["c", "d"], "trace": [[], TRACE], "info": {"rows": [{"n": 0}, {"n": 1}]}}
+    (tmp_path / "traces.jsonl").write_text(json.dumps(pooled) + "\n")
+    assert load_trace(tmp_path, "d") == ("d", TRACE, {"n": 1}) and load_trace(tmp_path)[0] == "c"
+    (tmp_path / "traces.jsonl").write_text(json.dumps({"example_ids": ["c", "d"], "trace": TRACE, "info": {}}) + "\n")
+    with pytest.raises(ValueError, match="natively batched"):
+        load_trace(tmp_path, "d")
     with pytest.raises(ValueError, match="no lane records"):
         plot_lane_timeline([{"iteration": 0, "lanes": []}], tmp_path / "e.png")
