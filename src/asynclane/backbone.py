@@ -655,7 +655,7 @@ class Backbone:
         S, m, dev = cache.length, self.model, ids.device
         dense = list(rows) == list(range(cache.rows))
         rows = torch.tensor(list(rows), dtype=torch.long, device=dev)
-        pos = cache.positions.index_select(0, rows).gather(1, slots.clamp(max=S - 1))
+        pos = self.rows_positions(cache, rows, slots)
         own = torch.zeros(N, S + 1, dtype=torch.bool, device=dev).scatter_(1, slots, real)[:, :S]
         if cache.valid is not None:
             own &= cache.valid.index_select(0, rows)
@@ -680,6 +680,14 @@ class Backbone:
             hidden = self._shift(hidden, pos, real)
         hidden = hidden.gather(1, predict[..., None].expand(-1, -1, hidden.shape[-1]))
         return m.head(hidden)
+
+    @staticmethod
+    def rows_positions(cache: KVCache, rows, slots: torch.Tensor) -> torch.Tensor:
+        """(N, T) RoPE positions of a :meth:`step_rows` call's tokens: cache row ``rows[i]``'s position
+        table at ``slots[i]`` (the sink slot, padding, reads the last slot's position)."""
+        rows = torch.as_tensor(list(rows) if not isinstance(rows, torch.Tensor) else rows, dtype=torch.long,
+                               device=slots.device)
+        return cache.positions.index_select(0, rows).gather(1, slots.clamp(max=cache.length - 1))
 
     @staticmethod
     def _rows(cols, predict, dev):

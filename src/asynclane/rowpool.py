@@ -37,7 +37,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from asynclane.backbone import Backbone, KVCache
+from asynclane.backbone import KVCache
 from asynclane.sampler import Generation
 
 __all__ = ["pooled_generate", "RowBackbone", "RowCache", "RowPool"]
@@ -45,54 +45,31 @@ __all__ = ["pooled_generate", "RowBackbone", "RowCache", "RowPool"]
 
 class RowCache:
     """Row ``b``'s cache: ``lanes`` rows ``[first, first + lanes)`` and the first ``length`` slots of a
-    pooled :class:`KVCache`, seen as the batch-1 cache (``lanes`` > 1: a lane cache) the row asked for."""
+    pooled :class:`KVCache`, seen as the batch-1 cache (``lanes`` > 1: a lane cache) the row asked for.
+
+    What a sampler asks of its cache (its length and lanes, which slots hold K/V of which tokens, and
+    ``invalidate``); the step-side internals live in the pooled cache, which only the pool's calls touch."""
 
     batch = 1
 
     def __init__(self, pooled: KVCache, first: int, lanes: int, length: int, owner: int):
-        self.pooled, self.first, self.lanes, self._length, self.owner = pooled, first, lanes, length, owner
-
-    @property
-    def length(self) -> int:
-        return self._length
-
-    @property
-    def rows(self) -> int:
-        return self.lanes
-
-    @property
-    def _rows(self) -> slice:
-        return slice(self.first, self.first + self.lanes)
+        self.pooled, self.first, self.lanes, self.length, self.owner = pooled, first, lanes, length, owner
 
     @property
     def filled(self) -> torch.Tensor:
-        return self.pooled._filled[self.first:self.first + 1, :self._length]
+        return self.pooled._filled[self.first:self.first + 1, :self.length]
 
     @property
     def tokens(self) -> torch.Tensor:
-        return self.pooled._tokens[self.first:self.first + 1, :self._length]
-
-    @property
-    def positions(self) -> torch.Tensor:
-        return self.pooled.positions[self._rows, :self._length]
+        return self.pooled._tokens[self.first:self.first + 1, :self.length]
 
     def stale(self, x: torch.Tensor) -> torch.Tensor:
         return self.tokens != x
 
     def invalidate(self, lo: int = 0, hi: Optional[int] = None, rows: Optional[Sequence[int]] = None):
-        hi = self._length if hi is None else min(hi, self._length)
+        hi = self.length if hi is None else min(hi, self.length)
         own = range(self.lanes) if rows is None else rows
         self.pooled.invalidate(lo, hi, rows=[self.first + r for r in own])
-
-    def window(self, lo: int, hi: int) -> torch.Tensor:
-        ar = torch.arange(self._length, device=self.pooled._filled.device)
-        return ((ar >= lo) & (ar < hi))[None]
-
-    def full(self, cols=(0, 0)) -> bool:
-        return False  # the pooled cache is always masked
-
-    def mark_filled(self, cols) -> None:
-        pass
 
 
 @dataclass
@@ -106,7 +83,7 @@ class _Alloc:
 class _Step:
     x: torch.Tensor  # (R, S_b): the row's buffer rows
     cache: RowCache
-    cols: list  # the buffer columns processed (Dream's p - 1 included)
+    cols: torch.Tensor  # (n,) the buffer columns processed (Dream's p - 1 included)
     predict: torch.Tensor  # (R, P): indices into cols
     write: bool
 
@@ -142,23 +119,19 @@ class RowBackbone:
         if length > self._pool.backbone.cfg.max_length:
             raise ValueError(f"a cache of {length} slots exceeds the model's max_length "
                              f"{self._pool.backbone.cfg.max_length}")
-        return self._pool.submit(self._row, _Alloc(length, key_mask, lanes))
+        return self._pool.submit(self._row, _Alloc(length, key_mask, max(1, lanes)))
 
     def step(self, x: torch.Tensor, cache, cols, *, predict=None, write: bool = True) -> torch.Tensor:
         if not isinstance(cache, RowCache) or cache.owner != self._row:
             raise TypeError("a pooled row steps on a cache it made with new_cache")
         R, S = x.shape
-        if R > max(1, cache.lanes) or (cache.lanes == 1 and R != 1):
+        if not 1 <= R <= cache.lanes:
             raise ValueError(f"a step of {R} rows needs a lane cache of >= {R} rows (got lanes {cache.lanes})")
         if S != cache.length:
             raise ValueError(f"the buffer has {S} columns, the cache {cache.length} slots")
-        planned, n = self._pool.backbone.plan(cache, cols, predict)
-        call = list(range(*planned)) if isinstance(planned, tuple) else list(planned)
-        rows = Backbone._rows(planned, predict, x.device)
-        if isinstance(rows, slice):
-            rows = torch.arange(n, device=x.device)[rows]
-        rows = rows.expand(R, -1) if rows.dim() == 1 else rows
-        return self._pool.submit(self._row, _Step(x, cache, call, rows, write))
+        call, rows = self._pool.backbone.step_columns(cache, cols, predict)  # Dream's p - 1 added
+        return self._pool.submit(self._row, _Step(x, cache, call, rows.expand(R, -1) if rows.dim() == 1 else rows,
+                                                  write))
 
     def forward(self, ids: torch.Tensor, positions=None, key_mask=None, cache=None, write: bool = False,
                 slot_mask=None, predict=None) -> torch.Tensor:
@@ -270,10 +243,10 @@ class RowPool:
             a = allocs[b]
             row = torch.zeros(S, dtype=torch.bool, device=dev)
             row[:a.length] = True if a.key_mask is None else a.key_mask.reshape(-1).to(device=dev, dtype=torch.bool)
-            valid += [row] * max(1, a.lanes)
-            firsts[b], first = first, first + max(1, a.lanes)
+            valid += [row] * a.lanes
+            firsts[b], first = first, first + a.lanes
         pooled = self.backbone.new_cache(first, S, key_mask=torch.stack(valid))
-        return {b: RowCache(pooled, firsts[b], max(1, a.lanes), a.length, b) for b, a in allocs.items()}
+        return {b: RowCache(pooled, firsts[b], a.lanes, a.length, b) for b, a in allocs.items()}
 
     def _forward(self, reqs: dict) -> dict:
         """The rows' general forwards (no cache) as one, right-padded to the longest."""
@@ -304,15 +277,14 @@ class RowPool:
         """The rows' steps on one pooled cache (all writing or all read-only) as one ragged call."""
         order = sorted(reqs)
         cache = reqs[order[0]].cache.pooled
-        S, T = cache.length, max(len(reqs[b].cols) for b in order)
+        S, T = cache.length, max(reqs[b].cols.numel() for b in order)
         P = max(reqs[b].predict.shape[1] for b in order)
         pad = self.backbone.spec.pad_id
         ids, slots, real, pred, rows, to, frm, sizes = [], [], [], [], [], [], [], []
         for b in order:
             r = reqs[b]
-            R, n = r.x.shape[0], len(r.cols)
+            R, n, cols = r.x.shape[0], r.cols.numel(), r.cols
             dev = r.x.device
-            cols = torch.tensor(r.cols, device=dev)
             ids.append(torch.nn.functional.pad(r.x.index_select(1, cols), (0, T - n), value=pad))
             slots.append(torch.nn.functional.pad(cols, (0, T - n), value=S).expand(R, T))
             real.append((torch.arange(T, device=dev) < n).expand(R, T))

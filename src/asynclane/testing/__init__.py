@@ -137,9 +137,7 @@ class LogitsHook:
                            rows.expand(B, -1) if rows.dim() == 1 else rows)
 
     def step_rows(self, ids, cache, rows, slots, real, predict, **kwargs):
-        S = cache.length
-        pos = cache.positions.index_select(0, torch.tensor(list(rows), device=ids.device)).gather(
-            1, slots.clamp(max=S - 1))
+        pos = self._bb.rows_positions(cache, rows, slots)
         ids = self.edit_ids(ids, pos)
         logits = self._bb.step_rows(ids, cache, rows, slots, real, predict, **kwargs)
         return self.adjust(logits, ids, pos, predict)
