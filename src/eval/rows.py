@@ -47,6 +47,16 @@ CONVENTIONS = {
 }
 
 
+def whole_lines(path: Path, data: bytes) -> bytes:
+    """``data`` (the bytes of ``path``) without a torn last line (bytes after the last newline: a row
+    whose write a kill interrupted), which is cut off with a warning: that example reruns."""
+    if not data or data.endswith(b"\n"):
+        return data
+    keep = data.rfind(b"\n") + 1
+    log.warning("%s ends in a torn line (killed run?): cutting %d bytes; that example reruns", path, len(data) - keep)
+    return data[:keep]
+
+
 class Appender:
     """Append mode that first repairs a last line cut short by a killed run.
 
@@ -60,10 +70,8 @@ class Appender:
     def __enter__(self):
         if self.path.exists() and self.path.stat().st_size:
             data = self.path.read_bytes()
-            if not data.endswith(b"\n"):
-                keep = data.rfind(b"\n") + 1
-                log.warning("%s ends in a torn line (killed run?): cutting %d bytes; that example reruns",
-                            self.path, len(data) - keep)
+            keep = len(whole_lines(self.path, data))
+            if keep < len(data):
                 with open(self.path, "r+b") as f:
                     f.truncate(keep)
         self.f = open(self.path, "a", encoding="utf-8")
@@ -103,12 +111,7 @@ def merge_rank_files(out_dir: Path, fingerprint: str, example_ids: Sequence[str]
     if not files:
         return 0
     samples = out_dir / SAMPLES
-    kept = samples.read_bytes() if samples.exists() else b""
-    if kept and not kept.endswith(b"\n"):
-        cut = kept.rfind(b"\n") + 1
-        log.warning("%s ends in a torn line (killed run?): cutting %d bytes; that example reruns", samples,
-                    len(kept) - cut)
-        kept = kept[:cut]
+    kept = whole_lines(samples, samples.read_bytes() if samples.exists() else b"")
     seen = {(r.get("fingerprint"), r.get("example_id")) for r in read_rows(samples)}
     new = []
     for f in files:
