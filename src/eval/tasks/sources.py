@@ -113,6 +113,7 @@ class TaskData:
             data_files = list(data_files)
         self.data_files = data_files
         self._cache: dict[str, tuple[list[dict], dict]] = {}
+        self._checked: set = set()  # (role, fields) already verified on every record
 
     # ---- records ----------------------------------------------------------------------------------
     def records(self, role: str, required: Iterable[str] = ()) -> list[dict]:
@@ -120,9 +121,9 @@ class TaskData:
         required = tuple(required)
         if self.source == "shipped":
             return load_records(self.shipped[role], required)
-        if role not in self._cache:
-            self._cache[role] = self._load_hf(role)
-        rows = self._cache[role][0]
+        rows = self._loaded(role)[0]
+        if (role, required) in self._checked:  # tasks ask per prompt (the shots): check each set once
+            return rows
         for i, r in enumerate(rows):
             missing = [k for k in required if k not in r]
             if missing:
@@ -130,7 +131,14 @@ class TaskData:
                 raise DataFileError(f"{self.task}: record {i} of {where} lacks field(s) {', '.join(missing)} "
                                     f"(the task reads {', '.join(required)}); point task.hf_path / hf_name at the "
                                     f"task's dataset")
+        self._checked.add((role, required))
         return rows
+
+    def _loaded(self, role: str) -> tuple[list[dict], dict]:
+        """(records, load info) of ``role`` from the Hugging Face source, loaded once."""
+        if role not in self._cache:
+            self._cache[role] = self._load_hf(role)
+        return self._cache[role]
 
     def _split_of(self, role: str) -> str:
         if role == "test":
@@ -196,10 +204,7 @@ class TaskData:
             files = sorted({self.shipped[r] for r in roles})
             digest = hashlib.sha256("".join(FILES[f][0] for f in files).encode()).hexdigest()
             return {"source": "shipped", "files": files, "sha256": digest[:16]}
-        for r in roles:
-            if r not in self._cache:
-                self._cache[r] = self._load_hf(r)
-        infos = {r: self._cache[r][1] for r in roles}
+        infos = {r: self._loaded(r)[1] for r in roles}
         out = {"source": "hf", "hf_path": self.path, "hf_revision": self.revision,
                "resolved_revision": infos["test"]["resolved_revision"] if "test" in infos else None,
                "splits": {r: {"config": i["config"], "split": i["split"], "records": i["records"]}
