@@ -697,9 +697,11 @@ def main(argv=None) -> int:
             batches[(task, L, b, s_)]["differ"] = count_differences(
                 completions(r.run_dir(a.out, a.model), summaries[r].get("fingerprint")),
                 completions(one.run_dir(a.out, a.model), summaries[one].get("fingerprint")))
-    ref = a.reference or ("blockwise" if "blockwise" in a.samplers else None)
-    batch_ref = a.reference if a.reference in a.samplers else ("blockwise" if "blockwise" in a.samplers
-                                                                else sorted(a.samplers)[0])
+    from eval.report import DEFAULT_REFERENCE, write_report
+
+    default_ref = DEFAULT_REFERENCE if DEFAULT_REFERENCE in a.samplers else None  # eval.report's default, if run
+    ref = a.reference or default_ref
+    batch_ref = a.reference if a.reference in a.samplers else (default_ref or sorted(a.samplers)[0])
     first = summaries[runs[0]]
     note = (f"Model `{a.model}`, seed {a.seed}, the first {a.limit if a.limit is not None else 'all'} examples per "
             f"task, the same for every sampler; each sampler's preset defaults; overrides for all: "
@@ -711,8 +713,6 @@ def main(argv=None) -> int:
         text += (f"\nCost model for proj. GPU TPS: `{' '.join(map(str, a.gpu_costs))}` ({cost.n_rows} {cost.family} rows, {cost.device}, "
                  f"random bf16 weights, batch 1), least-squares fit ms = {cost.base_ms:.2f} + "
                  f"{cost.per_token_ms:.4f} x tokens carried by the call.\n")
-
-    from eval.report import write_report
 
     files = write_report([r.run_dir(a.out, a.model) for r in runs], a.out / "report", ref, cmd)
     text += f"\neval.report outputs: {', '.join(f'`{v}`' for v in files.values())}\n"
