@@ -5,6 +5,7 @@
     python scripts/benchmark.py --dry-run                         # the planned runs, as `python -m eval` lines
     python scripts/benchmark.py --threshold-sweep none --no-ablations   # the main table only
     python scripts/benchmark.py --batch-sizes 1,4,16 --threshold-sweep none --no-ablations   # + a batch sweep
+    python scripts/benchmark.py --long --gpu-costs results/gpu_forward_cost/*.json --extra device=cuda   # issue 17
 
 Runs in this process: each run's config is composed by Hydra from the package ``eval.conf``
 (exactly what ``python -m eval KEY=VALUE ...`` composes) and handed to :func:`eval.runner.run`,
@@ -38,6 +39,21 @@ completions differ from batch 1 (at temperature 0 a batchable sampler should dec
 it does alone).  ``python -m eval.report`` outputs (markdown/LaTeX tables, CSV, plots; with a batch
 sweep also ``tps_vs_batch.png``, TPS against batch size) go to ``<out>/report``.
 
+Tasks are ``--tasks`` entries: a task's name, or ``NAME:KEY=VALUE[:KEY=VALUE]`` with task options
+(``trace:dep_distance=7`` runs ``task=trace task.dep_distance=7``; its runs go under
+``runs/trace-dep_distance7/``), shown as given in the tables.
+
+``--long`` (issue 17) is the long-budget benchmark on the long proxy: by default ``trace`` at a strict
+chain and at distant dependencies (``dep_distance`` 1 and 7, the largest every budget class allows),
+budgets 256/512/1024, model ``tiny_long``, 50 examples, no threshold sweep, and of the ablations only
+``speculate`` off, so asynclane appears twice (default and ``speculate=false``: what speculation gains
+apart from asynchronous refinement); results into ``results/benchmark_long``; the projected GPU TPS
+from ``results/gpu_forward_cost`` when those files exist.  Any of these can still be given.  With
+``--traces`` (default on with ``--long``) asynclane's runs save their per-iteration traces, and the
+tables gain, from them, how much of each answer a continuation lane produced while a refine lane to
+its left was still open (``eval.timeline.lane_shares``), and a lane-timeline PNG of one answer at the
+longest length (``<out>/timeline_*.png``).
+
 Runs go one after another (a run is every example of one cell), so load drift on the machine is
 not spread evenly over cells; a batch sweep runs each task/length's batch sizes right after its
 batch-1 runs.  At batch b the runner's warm-up (``warmup=1``) is the first generate call, b
@@ -61,6 +77,16 @@ PREFERRED_ORDER = ["blockwise", "dream", "fast_dllm", "dparallel", "d3llm", "loc
                    "streaming_dllm", "window_diffusion", "freedave", "freedave_pp", "asynclane"]
 ABLATION_SWITCHES = ("lane_batching", "draft_reuse", "cascade", "compact_refresh", "speculate")
 DEFAULT_THRESHOLDS = "0.5,0.7,0.9,0.95"
+SHORT_DEFAULTS = {"tasks": "arith,listops", "lengths": "64,128,256", "limit": "100", "model": "tiny",
+                  "out": "results/benchmark", "threshold_sweep": DEFAULT_THRESHOLDS,
+                  "ablation_switches": ",".join(ABLATION_SWITCHES)}
+# --long (issue 17): every sampler on the long proxy at budgets 256/512/1024, a strict chain and distant
+# dependencies (7: the farthest every budget class allows, so both distances run at every budget);
+# asynclane twice (default, speculate=false): what speculation gains apart from asynchronous refinement
+LONG_DEFAULTS = {"tasks": "trace:dep_distance=1,trace:dep_distance=7", "lengths": "256,512,1024", "limit": "50",
+                 "model": "tiny_long", "out": "results/benchmark_long", "threshold_sweep": "none",
+                 "ablation_switches": "speculate"}
+LONG_GPU_COSTS = [Path("results/gpu_forward_cost/run1_iters10.json"), Path("results/gpu_forward_cost/run2_iters30.json")]
 NO_BATCH = "n/a: decodes one prompt per call"  # a batch-sweep cell of a sampler with can_batch = False
 
 # (key, column label, higher is better)
@@ -112,10 +138,31 @@ def can_batch(name: str) -> bool:
     return bool(getattr(REGISTRY[name], "can_batch", True))
 
 
+def parse_task_spec(spec: str) -> tuple[str, tuple]:
+    """``--tasks`` entry ``NAME`` or ``NAME:KEY=VALUE[:KEY=VALUE...]`` (task options, e.g.
+    ``trace:dep_distance=7``) -> (name, ((key, value), ...)); raises ValueError naming the fix."""
+    name, *opts = spec.split(":")
+    if not name:
+        raise ValueError(f"--tasks: {spec!r} has no task name; give NAME or NAME:KEY=VALUE, e.g. trace:dep_distance=7")
+    pairs = []
+    for o in opts:
+        k, eq, v = o.partition("=")
+        if not eq or not k or not v:
+            raise ValueError(f"--tasks: {spec!r}: task option {o!r} is not KEY=VALUE; e.g. trace:dep_distance=7")
+        pairs.append((k, v))
+    return name, tuple(pairs)
+
+
+def task_dir(spec: str) -> str:
+    """A task spec's folder name under ``runs/``: ``trace:dep_distance=7`` -> ``trace-dep_distance7``."""
+    name, opts = parse_task_spec(spec)
+    return "-".join([name] + [f"{k}{v}" for k, v in opts])
+
+
 @dataclass(frozen=True)
 class Run:
     sampler: str
-    task: str
+    task: str  # a --tasks entry: the task's name, and its task options if any (parse_task_spec)
     length: int
     options: tuple = ()  # ((key, value), ...) sampler options that differ from the preset
     batch_size: int = 1  # prompts per generate call
@@ -129,8 +176,10 @@ class Run:
 
     def overrides(self, model: str, limit: Optional[int], seed: int, threads: Optional[int],
                   extra: Sequence[str]) -> list[str]:
-        ov = [f"model={model}", f"sampler={self.sampler}", f"task={self.task}", f"gen_length={self.length}",
+        name, task_opts = parse_task_spec(self.task)
+        ov = [f"model={model}", f"sampler={self.sampler}", f"task={name}", f"gen_length={self.length}",
               f"limit={'null' if limit is None else limit}", f"seed={seed}"]
+        ov += [f"task.{k}={v}" for k, v in task_opts]
         if threads:
             ov.append(f"threads={threads}")
         if self.batch_size != 1:
@@ -140,7 +189,7 @@ class Run:
 
     def run_dir(self, out: Path, model: str) -> Path:
         batch = f"-B{self.batch_size}" if self.batch_size != 1 else ""
-        return Path(out) / "runs" / self.task / f"{model}-{self.variant}-L{self.length}{batch}"
+        return Path(out) / "runs" / task_dir(self.task) / f"{model}-{self.variant}-L{self.length}{batch}"
 
 
 def _ov_value(v) -> str:
@@ -175,12 +224,13 @@ def _variant(sampler: str, task: str, L: int, opts: dict, defaults: dict) -> Run
 
 def make_plan(samplers: Sequence[str], tasks: Sequence[str], lengths: Sequence[int], thresholds: Sequence[float],
               ablations: bool, defaults: Optional[dict] = None, batch_sizes: Sequence[int] = (1,),
-              batchable=None) -> Plan:
+              batchable=None, switches: Sequence[str] = ABLATION_SWITCHES) -> Plan:
     """The runs of one benchmark; ``defaults``: {sampler: preset defaults} (read from conf/ when None).
 
     ``batch_sizes`` other than just ``[1]`` add the batch sweep (every sampler x task x length x
     size; batch 1 is the main run); ``batchable(name) -> bool`` (default :func:`can_batch`) says
-    which samplers may run above batch 1, the others' cells there are planned as None."""
+    which samplers may run above batch 1, the others' cells there are planned as None.  ``switches``:
+    the ablations' mechanisms (each off in turn; default all of ABLATION_SWITCHES)."""
     defaults = defaults if defaults is not None else {}
     batchable = batchable or can_batch
     sweep = sorted(set(batch_sizes) | {1}) if set(batch_sizes) != {1} else []
@@ -202,7 +252,7 @@ def make_plan(samplers: Sequence[str], tasks: Sequence[str], lengths: Sequence[i
                 plan.thresholds[(task, L, t)] = _variant("fast_dllm", task, L, {"threshold": t}, d("fast_dllm"))
             if ablations:
                 plan.ablations[(task, L, "full")] = Run(TARGET, task, L)
-                for sw in ABLATION_SWITCHES:
+                for sw in switches:
                     plan.ablations[(task, L, sw)] = _variant(TARGET, task, L, {sw: False}, d(TARGET))
     return plan
 
@@ -433,6 +483,27 @@ def ablation_table(ablations: dict) -> str:
     return md_table(["task", "L", "variant", "accuracy", "NFE/sample", "tokens/call", "token-fwd/token"], rows)
 
 
+def lane_share_table(shares: dict) -> str:
+    """shares: {(task, L, variant label): eval.timeline.run_lane_shares(...)} of the traced runs."""
+    rows = []
+    for (task, L, name), sh in shares.items():
+        if sh is None:
+            rows.append([task, L, name, "n/a (no lane records)", "", "", "", ""])
+            continue
+        rows.append([task, L, name, sh["examples"], sh["committed"], sh["gen"],
+                     _f(sh["async_share"], ".3f"), _f(sh["overlap_share"], ".3f")])
+    return md_table(["task", "L", "variant", "examples", "positions committed", "by continuation (GEN) lanes",
+                     "async share", "overlap share"], rows)
+
+
+LANE_SHARE_LEGEND = (
+    "From the runs' per-iteration traces (`traces.jsonl`, `eval.timeline.lane_shares`): each answer position is "
+    "credited to the lane that last committed it. async share: positions a continuation (GEN) lane committed while "
+    "a refine lane opened before that call, starting left of the position, stayed open after it (decoding advanced "
+    "past text whose refinement had not finished); overlap share: also counting those committed in the same call as "
+    "such a refine lane's last step. Both over every position a lane committed.")
+
+
 def threshold_table(thresholds: dict) -> str:
     """thresholds: {(task, L, threshold): metrics}."""
     keys = ["accuracy", "nfe", "tokens_per_call", "forwards_per_token", "tps"]
@@ -507,7 +578,7 @@ def batch_section(batches: dict, reference: Optional[str]) -> list[str]:
 
 
 def render(command: str, results: dict, ablations: dict, thresholds: dict, note: str = "",
-           batches: Optional[dict] = None, reference: Optional[str] = None) -> str:
+           batches: Optional[dict] = None, reference: Optional[str] = None, shares: Optional[dict] = None) -> str:
     """The whole benchmark.md (also what is printed); ``batches``: see :func:`batch_rows`."""
     parts = ["# Benchmark", "", f"Command: `{command}`", ""]
     if note:
@@ -533,6 +604,9 @@ def render(command: str, results: dict, ablations: dict, thresholds: dict, note:
         parts += batch_section(batches, reference)
     if ablations:
         parts += [f"## {TARGET} ablations (each mechanism off in turn)", "", ablation_table(ablations), ""]
+    if shares:
+        parts += [f"## {TARGET}: what continuation lanes produced while refinement was open", "", LANE_SHARE_LEGEND, "",
+                  lane_share_table(shares), ""]
     if thresholds:
         parts += ["## fast_dllm threshold sweep", "", threshold_table(thresholds), ""]
     return "\n".join(parts)
@@ -561,19 +635,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="scripts/benchmark.py", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samplers", default=None, help="comma-separated (default: every registered sampler)")
-    ap.add_argument("--tasks", default="arith,listops", help="comma-separated (default: arith,listops)")
-    ap.add_argument("--lengths", default="64,128,256", help="gen_length values (default: 64,128,256)")
-    ap.add_argument("--limit", default="100", help="examples per run, the first ones; 'null': whole pool (default 100)")
+    ap.add_argument("--long", action="store_true",
+                    help="the long-budget benchmark (issue 17): its defaults are "
+                         + "; ".join(f"--{k.replace('_', '-')} {v}" for k, v in LONG_DEFAULTS.items())
+                         + "; asynclane traced (--traces)")
+    ap.add_argument("--tasks", default=None,
+                    help="comma-separated NAME or NAME:KEY=VALUE[:KEY=VALUE] (task options, e.g. trace:dep_distance=7); "
+                         "default: arith,listops")
+    ap.add_argument("--lengths", default=None, help="gen_length values (default: 64,128,256)")
+    ap.add_argument("--limit", default=None, help="examples per run, the first ones; 'null': whole pool (default 100)")
     ap.add_argument("--seed", type=int, default=0, help="one seed for every run (default 0)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the harness's auto rule, threads=null)")
-    ap.add_argument("--model", default="tiny", help="model preset (default tiny)")
-    ap.add_argument("--out", type=Path, default=Path("results/benchmark"), help="default results/benchmark")
+    ap.add_argument("--model", default=None, help="model preset (default tiny)")
+    ap.add_argument("--out", type=Path, default=None, help="default results/benchmark")
     ap.add_argument("--extra", nargs="*", default=[], metavar="KEY=VALUE",
                     help="Hydra overrides passed to every run alike (e.g. device=cuda batch_size=1)")
-    ap.add_argument("--threshold-sweep", default=DEFAULT_THRESHOLDS,
+    ap.add_argument("--threshold-sweep", default=None,
                     help=f"fast_dllm thresholds (default {DEFAULT_THRESHOLDS}); 'none' skips the sweep")
     ap.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True,
                     help="asynclane with each mechanism off in turn (default on; --no-ablations skips)")
+    ap.add_argument("--ablation-switches", default=None, metavar="S,S,...",
+                    help=f"which mechanisms the ablations switch off (default: {','.join(ABLATION_SWITCHES)})")
+    ap.add_argument("--traces", action=argparse.BooleanOptionalAction, default=None,
+                    help="asynclane runs (and its ablations) save per-iteration traces: the lane-share table and a "
+                         "lane timeline PNG of one answer at the longest length (default: on with --long)")
     ap.add_argument("--gpu-costs", type=Path, nargs="+", default=None, metavar="FILE",
                     help="scripts/bench_forward.py output(s), rows pooled: add a projected GPU TPS at 8B shape")
     ap.add_argument("--gpu-family", default="llada", help="which family's rows of --gpu-costs to use (default llada)")
@@ -586,13 +671,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "blockwise if run)")
     ap.add_argument("--dry-run", action="store_true", help="print the planned runs only")
     a = ap.parse_args(argv)
+    preset = {**SHORT_DEFAULTS, **(LONG_DEFAULTS if a.long else {})}
+    for k, v in preset.items():
+        if getattr(a, k) is None:
+            setattr(a, k, Path(v) if k == "out" else v)
+    if a.traces is None:
+        a.traces = a.long
+    if a.gpu_costs is None and a.long:
+        a.gpu_costs = [p for p in LONG_GPU_COSTS if p.exists()] or None
     known = registered_samplers()
     a.samplers = _csv(a.samplers) if a.samplers else known
     bad = [s for s in a.samplers if s not in known]
     if bad:
         ap.error(f"unknown sampler(s) {bad}; registered: {', '.join(known)}")
     a.tasks = _csv(a.tasks)
+    a.ablation_switches = _csv(a.ablation_switches)
+    bad = [x for x in a.ablation_switches if x not in ABLATION_SWITCHES]
+    if bad:
+        ap.error(f"--ablation-switches: unknown {bad}; valid: {', '.join(ABLATION_SWITCHES)}")
     try:
+        for t in a.tasks:
+            parse_task_spec(t)
         a.lengths = [int(x) for x in _csv(a.lengths)]
         a.thresholds = [] if a.threshold_sweep.strip().lower() in ("", "none") else \
             [float(x) for x in _csv(a.threshold_sweep)]
@@ -629,6 +728,43 @@ def not_batched_line(plan: Plan) -> Optional[str]:
     return f"not run above batch 1 ({NO_BATCH}; can_batch = False): {', '.join(skipped)}"
 
 
+def traced_runs(plan: Plan) -> dict:
+    """{(task, L, variant label): Run} of the target's runs (the main one and its ablations) that
+    ``--traces`` traces, in plan order."""
+    out = {}
+    for r in plan.main:
+        if r.sampler == TARGET:
+            out[(r.task, r.length, f"{TARGET} (full)")] = r
+    for (task, L, sw), r in plan.ablations.items():
+        if sw != "full":
+            out[(task, L, f"{sw} off")] = r
+    return out
+
+
+def lane_shares_of(plan: Plan, out: Path, model: str) -> tuple[dict, Optional[Path]]:
+    """The lane-share table's cells of the traced runs, and the lane timeline PNG of the first traced
+    example of the target's full run at the longest length of the first task (None without one)."""
+    from eval.timeline import load_trace, plot_lane_timeline, run_lane_shares
+
+    shares, runs = {}, traced_runs(plan)
+    for key, r in runs.items():
+        try:
+            shares[key] = run_lane_shares(r.run_dir(out, model))
+        except FileNotFoundError:  # rows from an earlier, untraced run: nothing traced anew
+            shares[key] = None
+    full = [r for (_, _, name), r in runs.items() if name == f"{TARGET} (full)"]
+    if not full:
+        return shares, None
+    first = full[0].task
+    r = max((r for r in full if r.task == first), key=lambda r: r.length)
+    try:
+        ex, trace, _ = load_trace(r.run_dir(out, model))
+        png = Path(out) / f"timeline_{task_dir(r.task)}-L{r.length}-{ex}.png"
+        return shares, plot_lane_timeline(trace, png, title=f"{model} / {TARGET}, {r.task}, L={r.length}: {ex}")
+    except (FileNotFoundError, KeyError, ValueError):
+        return shares, None
+
+
 def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
@@ -643,12 +779,14 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     cmd = command_line(argv, script)
     defaults: dict = {}
-    plan = make_plan(a.samplers, a.tasks, a.lengths, a.thresholds, a.ablations, defaults, a.batch_sizes)
+    plan = make_plan(a.samplers, a.tasks, a.lengths, a.thresholds, a.ablations, defaults, a.batch_sizes,
+                     switches=a.ablation_switches)
     runs = plan.runs()
     skipped = not_batched_line(plan)
 
     def ov(r: Run) -> list[str]:
-        return r.overrides(a.model, a.limit, a.seed, a.threads, a.extra)
+        traced = ["save_traces=true"] if a.traces and r.sampler == TARGET else []
+        return r.overrides(a.model, a.limit, a.seed, a.threads, a.extra) + traced
 
     problems = check_block_lengths(runs, lambda s: defaults.setdefault(s, sampler_defaults(s)))
     if problems:
@@ -708,7 +846,10 @@ def main(argv=None) -> int:
             f"`{' '.join(a.extra) or 'none'}`. Device: {first.get('device_name')} ({first.get('device')}, "
             f"{first.get('threads', first.get('cpu_threads'))} CPU threads). {len(runs)} runs, {time.perf_counter() - t_all:.0f}s. "
             f"Run directories: `{a.out / 'runs'}`; eval.report outputs: `{a.out / 'report'}`.")
-    text = render(cmd, results, ablations, thresholds, note, batches, batch_ref)
+    shares, timeline = (lane_shares_of(plan, a.out, a.model) if a.traces else ({}, None))
+    text = render(cmd, results, ablations, thresholds, note, batches, batch_ref, shares)
+    if timeline:
+        text += f"\nLane timeline of one answer: `{timeline}`\n"
     if cost is not None:
         text += (f"\nCost model for proj. GPU TPS: `{' '.join(map(str, a.gpu_costs))}` ({cost.n_rows} {cost.family} rows, {cost.device}, "
                  f"random bf16 weights, batch 1), least-squares fit ms = {cost.base_ms:.2f} + "

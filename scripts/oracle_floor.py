@@ -15,6 +15,11 @@ bounds what any sampler could gain there (issue 6's "3x the tokens per call of t
 competitor").
 
     python scripts/oracle_floor.py --limit 50 --benchmark results/benchmark
+    python scripts/oracle_floor.py --long --device cuda --benchmark results/benchmark_long   # the long proxy
+
+``--long`` (issue 17): ``trace`` at the dependency distances and budgets of ``scripts/benchmark.py
+--long`` on ``tiny_long`` (each budget class's own held-out problems: L is the class).  Tasks are
+``--tasks`` entries as in the benchmark (``trace:dep_distance=7``).
 """
 from __future__ import annotations
 
@@ -27,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from asynclane.loading import load_backbone
+from asynclane.loading import CheckpointNotFound, load_backbone, model_path
 from asynclane.testing import import_file
 from asynclane.tiny_tokenizer import chat_prompt_ids
 from eval.rows import SUMMARY
-from eval.tasks import synthetic
+from eval.tasks import synthetic, trace
 
 TASKS = ("arith", "listops")
 BENCH = import_file("_oracle_floor_benchmark", Path(__file__).with_name("benchmark.py"))  # its run layout
@@ -61,12 +66,28 @@ def oracle_calls(backbone, prompt: list, reference: list, gen_length: int) -> tu
     return calls, forced
 
 
-def benchmark_tokens_per_call(out: Path, task: str, gen_length: int) -> dict:
+def problems_of(spec: str, gen_length: int, limit: int) -> list:
+    """The first ``limit`` held-out problems (``.prompt``, ``.answer``) of a ``--tasks`` entry at
+    ``gen_length``: arith/listops's test set, or trace's pool of budget class ``gen_length`` at the
+    entry's ``dep_distance`` (default 1), the examples ``python -m eval task=trace`` runs."""
+    name, opts = BENCH.parse_task_spec(spec)
+    opts = dict(opts)
+    if name in TASKS and not opts:
+        return list(synthetic.test_problems(name)[:limit])
+    if name == "trace" and set(opts) <= {"dep_distance"}:
+        dep = int(opts.get("dep_distance", 1))
+        trace.check_budget(gen_length)
+        trace.check_dep_distance(gen_length, dep)
+        return list(trace.test_problems(gen_length, dep, limit))
+    raise ValueError(f"--tasks {spec!r}: valid: arith, listops, trace or trace:dep_distance=D")
+
+
+def benchmark_tokens_per_call(out: Path, task: str, gen_length: int, model: str = "tiny") -> dict:
     """{sampler: tokens per call} of every registered sampler's preset run in a benchmark's output
     directory ``out`` (scripts/benchmark.py's layout; samplers without a run are left out)."""
     found = {}
     for name in BENCH.registered_samplers():
-        summary = BENCH.Run(name, task, gen_length).run_dir(out, "tiny") / SUMMARY
+        summary = BENCH.Run(name, task, gen_length).run_dir(out, model) / SUMMARY
         if summary.exists():
             found[name] = json.loads(summary.read_text()).get("tokens_per_nfe")
     return found
@@ -74,19 +95,38 @@ def benchmark_tokens_per_call(out: Path, task: str, gen_length: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    ap.add_argument("--lengths", nargs="+", type=int, default=[64, 128, 256])
+    ap.add_argument("--long", action="store_true",
+                    help="the long proxy: defaults --tasks/--lengths/--model of scripts/benchmark.py --long")
+    ap.add_argument("--tasks", nargs="+", default=None,
+                    help="arith, listops, trace, trace:dep_distance=D (default arith listops)")
+    ap.add_argument("--lengths", nargs="+", type=int, default=None, help="default 64 128 256")
     ap.add_argument("--limit", type=int, default=50, help="first N held-out problems per task")
+    ap.add_argument("--model", default=None, help="embedded model preset: tiny (default) or tiny_long")
+    ap.add_argument("--model-path", default=None, help="a checkpoint directory instead of the embedded one")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--benchmark", type=Path, default=None,
                     help="a benchmark's output directory (scripts/benchmark.py --out) to compare tokens/call with")
     ap.add_argument("--target", default=BENCH.TARGET, help="the sampler whose room is reported")
     args = ap.parse_args(argv)
+    long = BENCH.LONG_DEFAULTS
+    args.tasks = args.tasks or (BENCH._csv(long["tasks"]) if args.long else list(TASKS))
+    args.lengths = args.lengths or ([int(x) for x in BENCH._csv(long["lengths"])] if args.long else [64, 128, 256])
+    args.model = args.model or (long["model"] if args.long else "tiny")
     if args.limit < 1:
         ap.error(f"--limit must be >= 1, got {args.limit}")
+    try:
+        for spec in args.tasks:
+            for L in args.lengths:
+                problems_of(spec, L, 1)
+    except ValueError as e:
+        ap.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
-    bb = load_backbone()
+    try:
+        bb = load_backbone(model_path(args.model_path, args.model), device=args.device)
+    except CheckpointNotFound as e:
+        ap.error(f"{e} (here: --model-path DIR)")
     tok, eos = bb.tokenizer, bb.spec.eos_id
     t0 = time.perf_counter()
     print("| task | L | problems | oracle calls/answer (mean, min-max) | teacher-forced commits/answer | "
@@ -94,8 +134,8 @@ def main(argv=None) -> int:
           f"{args.target} tokens/call |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for task in args.tasks:
-        problems = synthetic.test_problems(task)[:args.limit]
         for L in args.lengths:
+            problems = problems_of(task, L, args.limit)
             calls, forced, tokens = [], [], 0
             for prob in problems:
                 ref = tok(prob.answer, add_special_tokens=False)["input_ids"] + [eos]
@@ -106,7 +146,7 @@ def main(argv=None) -> int:
             per_call = tokens / sum(calls)
             best = mine = None
             if args.benchmark:
-                tpc = benchmark_tokens_per_call(args.benchmark, task, L)
+                tpc = benchmark_tokens_per_call(args.benchmark, task, L, args.model)
                 mine = tpc.pop(args.target, None)
                 if tpc:
                     best = max(tpc.items(), key=lambda kv: kv[1])

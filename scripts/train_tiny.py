@@ -57,7 +57,11 @@ model; loss 3.52 at step 50, 1.09 at step 1,500)::
 Chunks: ``--chunk-seconds`` stops an invocation (resumably, after a save) once that much wall
 time has passed, so a long run is a series of short commands on ``--state``; ``--shard-mib``
 writes the exported weights and the state in files holding at most that much tensor data (a
-file adds a few KiB: ``--shard-mib 15`` keeps every file under 16 MiB).
+file adds a few KiB: ``--shard-mib 15`` keeps every file under 16 MiB).  ``--compact-state`` leaves
+AdamW's moments out of the state (a third of the size, small enough to travel to a GPU machine and
+back with the repository); a resume from it starts fresh moments and ramps the lr up again over
+``--rewarm`` steps.  ``--export-only`` writes ``--out`` from a state (with the same model flags),
+so only the state needs to come back from the machine that trained: ``scripts/gpu_long.sh``.
 """
 from __future__ import annotations
 
@@ -222,6 +226,15 @@ def parse_args(argv=None):
                     help="stop (resumably, after a save) once this invocation has run this many wall seconds")
     ap.add_argument("--shard-mib", type=float, default=None,
                     help="write the exported weights and the training state in files of at most this many MiB")
+    ap.add_argument("--compact-state", action="store_true",
+                    help="save the state without AdamW's moments (weights, step, schedule, counts: a third of the "
+                         "size); a resume starts fresh moments and ramps the lr up again over --rewarm steps")
+    ap.add_argument("--export-only", action="store_true",
+                    help="write --out from the state in --state (weights, config, training.json as the run that "
+                         "saved it wrote them) and stop: the export of a state brought back from another machine")
+    ap.add_argument("--rewarm", type=int, default=50,
+                    help="lr ramp after resuming from a compact state (default 50 steps; AdamW's second moment "
+                         "averages over ~20 steps at beta2 0.95)")
     return ap.parse_args(argv)
 
 
@@ -298,11 +311,18 @@ def sft_loss(model, ids, key_mask, gen: int, mask_id: int, t, masked):
     return loss, acc
 
 
-def lr_at(step, args):
+def lr_at(step, args, rewarm_from=None):
+    """The schedule's lr at ``step``: linear warm-up, cosine decay to 10%.  ``rewarm_from``: the step
+    a run resumed at with fresh optimizer moments (a compact state); the lr ramps up again over
+    ``args.rewarm`` steps from there."""
     if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    frac = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        lr = args.lr * (step + 1) / args.warmup
+    else:
+        frac = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+        lr = args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+    if rewarm_from is not None and args.rewarm > 0:
+        lr *= min(1.0, (step - rewarm_from + 1) / args.rewarm)
+    return lr
 
 
 @torch.no_grad()
@@ -406,15 +426,18 @@ def fill_in_accuracy(model, tok, n=40, tasks=synthetic.TASKS, trace_budget=None)
 STATE_INDEX = "state-index.pt"  # the sharded state: this index (the structure) + state-*-of-*.pt
 
 
-def save_state(path: Path, step, model, opt, elapsed, schedule_steps, seen=None, shard_bytes=None):
+def save_state(path: Path, step, model, opt, elapsed, schedule_steps, seen=None, shard_bytes=None, compact=False,
+               meta=None):
     """The resumable state, in one ``state.pt`` or (``shard_bytes``) in files of at most that size.
+    ``compact``: without the optimizer's moments (a third of the size; see ``--compact-state``).
+    ``meta``: the export's training.json fields (so ``--export-only`` rebuilds the export from it).
 
     Sharded: every tensor goes into a shard file, the index (written last, atomically) holds the
     rest and names the shards; shards of older saves are removed after it, so a kill at any point
     leaves a loadable state."""
     path.mkdir(parents=True, exist_ok=True)
-    blob = {"step": step, "model": model.state_dict(), "opt": opt.state_dict(), "elapsed": elapsed,
-            "schedule_steps": schedule_steps, "seen": seen}
+    blob = {"step": step, "model": model.state_dict(), "opt": None if compact else opt.state_dict(),
+            "elapsed": elapsed, "schedule_steps": schedule_steps, "seen": seen, "meta": meta}
     if shard_bytes is None:
         tmp = path / "state.pt.tmp"
         torch.save(blob, tmp)
@@ -581,15 +604,27 @@ def main(argv=None):
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.95))
-    step, elapsed, seen = 0, 0.0, {}
+    step, elapsed, seen, rewarm_from = 0, 0.0, {}, None
     st = load_state(args.state, args.device)
+    if args.export_only:
+        if st is None or st.get("meta") is None:
+            raise SystemExit(f"--export-only: no state with its export record in {args.state} (states saved by this "
+                             f"version of the trainer hold one); valid: a --state directory a run wrote")
+        model.load_state_dict(st["model"])
+        export(model, tok, args.out, st["meta"], with_tokenizer=not args.weights_only, shard_bytes=shard_bytes)
+        print(f"exported step {st['step']} from {args.state} to {args.out}", flush=True)
+        return
     if st is not None:
         model.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
+        if st.get("opt") is not None:
+            opt.load_state_dict(st["opt"])
+        else:  # a compact state: fresh moments, the lr ramps up again
+            rewarm_from = st["step"]
         step, elapsed = st["step"], st["elapsed"]
         seen = st.get("seen") or {}  # a state saved before the record existed: counted from here on
         args.steps = st.get("schedule_steps", args.steps) if args.steps == 0 else args.steps
-        print(f"resumed at step {step} ({elapsed:.0f} s of training so far)", flush=True)
+        print(f"resumed at step {step} ({elapsed:.0f} s of training so far"
+              f"{'; fresh optimizer moments, lr re-warmed' if rewarm_from is not None else ''})", flush=True)
     if args.steps == 0 and args.time_budget is None:
         raise SystemExit("--steps 0 (calibrated schedule) needs --time-budget SECONDS")
     calibrating = args.steps == 0
@@ -621,7 +656,7 @@ def main(argv=None):
         dev = args.device
         ids, key_mask, t, masked = (x.to(dev, non_blocking=True) for x in (ids, key_mask, t, masked))
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
+            group["lr"] = lr_at(step, args, rewarm_from)
         with amp:
             loss, acc = sft_loss(model, ids, key_mask, gen, tok.mask_token_id, t, masked)
         opt.zero_grad(set_to_none=True)
@@ -638,7 +673,7 @@ def main(argv=None):
             elapsed += now - t0
             t0 = now
             rec = {"step": step, "loss": round(run_loss / 50, 4), "masked_acc": round(run_acc / 50, 4),
-                   "lr": lr_at(step, args), "seconds": round(elapsed, 1)}
+                   "lr": lr_at(step, args, rewarm_from), "seconds": round(elapsed, 1)}
             run_loss = run_acc = 0.0
             if step % args.probe_every == 0:
                 with amp:
@@ -654,11 +689,10 @@ def main(argv=None):
         if step % args.save_every == 0 or step == stop or over_budget:
             elapsed += time.time() - t0
             t0 = time.time()
-            save_state(args.state, step, model, opt, elapsed, args.steps, seen, shard_bytes)
-            export(model, tok, args.out, {"step": step, "schedule_steps": args.steps, "train_seconds": round(elapsed),
-                                          "device": args.device, "command": command,
-                                          TRAINED_CONTEXT: trained_context(seen, cfg.max_length)},
-                   with_tokenizer=not args.weights_only, shard_bytes=shard_bytes)
+            meta = {"step": step, "schedule_steps": args.steps, "train_seconds": round(elapsed),
+                    "device": args.device, "command": command, TRAINED_CONTEXT: trained_context(seen, cfg.max_length)}
+            save_state(args.state, step, model, opt, elapsed, args.steps, seen, shard_bytes, args.compact_state, meta)
+            export(model, tok, args.out, meta, with_tokenizer=not args.weights_only, shard_bytes=shard_bytes)
         if over_budget:
             break
     if pool is not None:

@@ -298,3 +298,98 @@ def test_tiny_batch_sweep_writes_the_table_plot_and_skip_note(bench, capsys, tmp
 
     g = pd.read_csv(report / "grouped.csv")
     assert sorted(zip(g["base_method"], g["batch_size"])) == [("blockwise", 1), ("blockwise", 2), ("fast_dllm", 1)]
+
+
+# ------------------------------------------------------------------ --long (issue 17): task options, traces
+
+
+def test_task_specs_carry_task_options_into_overrides_and_folders(bench):
+    assert bench.parse_task_spec("arith") == ("arith", ())
+    assert bench.parse_task_spec("trace:dep_distance=7") == ("trace", (("dep_distance", "7"),))
+    for bad, msg in (("trace:dep_distance", "not KEY=VALUE"), (":x=1", "no task name"), ("trace:=3", "not KEY=VALUE")):
+        with pytest.raises(ValueError, match=msg):
+            bench.parse_task_spec(bad)
+    r = bench.Run("asynclane", "trace:dep_distance=7", 512, (("speculate", False),))
+    assert r.overrides("tiny_long", 50, 0, None, []) == [
+        "model=tiny_long", "sampler=asynclane", "task=trace", "gen_length=512", "limit=50", "seed=0",
+        "task.dep_distance=7", "sampler.speculate=false"]
+    assert r.run_dir(Path("o"), "tiny_long") == Path("o/runs/trace-dep_distance7/tiny_long-asynclane-no_speculate-L512")
+    assert bench.Run("d3llm", "arith", 64).run_dir(Path("o"), "tiny") == Path("o/runs/arith/tiny-d3llm-L64")
+
+
+def test_long_defaults_and_the_ablation_switches(bench, capsys):
+    a = bench.parse_args(["--long"])
+    assert (a.tasks, a.lengths, a.model, a.limit, a.thresholds, a.ablation_switches, a.traces) == (
+        ["trace:dep_distance=1", "trace:dep_distance=7"], [256, 512, 1024], "tiny_long", 50, [], ["speculate"], True)
+    assert a.out == Path("results/benchmark_long")
+    a = bench.parse_args(["--long", "--lengths", "256", "--model", "x", "--no-traces"])
+    assert (a.lengths, a.model, a.traces, a.tasks[1]) == ([256], "x", False, "trace:dep_distance=7")
+    a = bench.parse_args([])
+    assert (a.tasks, a.model, a.traces, len(a.ablation_switches)) == (["arith", "listops"], "tiny", False, 5)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--ablation-switches", "speculate,warp"])
+    assert "unknown ['warp']; valid: lane_batching" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tasks", "trace:dep_distance"])
+    assert "task option 'dep_distance' is not KEY=VALUE" in capsys.readouterr().err
+    plan = bench.make_plan(["d3llm", "asynclane"], ["trace:dep_distance=1"], [256], [], True, switches=["speculate"])
+    assert [r.variant for r in plan.runs()] == ["d3llm", "asynclane", "asynclane-no_speculate"]
+    assert list(bench.traced_runs(plan)) == [("trace:dep_distance=1", 256, "asynclane (full)"),
+                                             ("trace:dep_distance=1", 256, "speculate off")]
+
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory) -> Path:
+    """The tiny checkpoint stretched to the long proxy's lengths (max_length 1600, a trained-context
+    record covering trace's budgets): the mechanics of --long without the tiny_long weights."""
+    import json
+    import shutil
+
+    from asynclane.loading import TINY_DIR
+
+    ckpt = tmp_path_factory.mktemp("long") / "model"
+    shutil.copytree(TINY_DIR, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**config, "max_sequence_length": 1600}))
+    meta = json.loads((ckpt / "training.json").read_text())
+    meta["trained_context"] = {"max_length": 1600, "prompt_tokens": 532, "gen_lengths": [256, 512, 1024],
+                               "tokens": 1556, "tasks": ["trace"]}
+    (ckpt / "training.json").write_text(json.dumps(meta))
+    return ckpt
+
+
+def test_long_invocation_traces_asynclane_and_writes_the_lane_share_table(bench, long_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "long"
+    rc = bench.main(["--long", "--samplers", "d3llm,asynclane", "--lengths", "256", "--limit", "1", "--threads", "1",
+                     "--out", str(out), "--extra", f"model.path={long_model}"])
+    assert rc == 0
+    md = (out / "benchmark.md").read_text()
+    for task in ("trace:dep_distance=1", "trace:dep_distance=7"):
+        for s in ("d3llm", "asynclane"):
+            assert f"| {task} | 256 | {s} |" in md
+        assert f"| {task} | 256 | speculate off |" in md
+        assert re.search(rf"\| {task} \| 256 \| asynclane \(full\) \| 1 \| \d+ \| \d+ \| [\d.]+ \| [\d.]+ \|", md), md
+    assert "## asynclane: what continuation lanes produced while refinement was open" in md
+    assert "fast_dllm threshold" not in md and "compact_refresh off" not in md
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["trace-dep_distance1", "trace-dep_distance7"]
+    assert (out / "runs" / "trace-dep_distance7" / "tiny_long-asynclane-no_speculate-L256" / "traces.jsonl").exists()
+    assert not (out / "runs" / "trace-dep_distance7" / "tiny_long-d3llm-L256" / "traces.jsonl").exists()
+    png = out / "timeline_trace-dep_distance1-L256-trace-0000.png"
+    assert png.stat().st_size > 5000 and f"`{png}`" in md
+    table = (out / "report" / "table.md").read_text()  # eval.report keeps the two distances apart
+    assert "trace[dep_distance=1] L=256 | trace[dep_distance=7] L=256" in table
+
+
+def test_tiny_long_without_its_weights_is_one_line(tmp_path):
+    from asynclane.loading import TINY_LONG_DIR
+
+    if (TINY_LONG_DIR / "config.json").exists():
+        pytest.skip("the tiny_long weights are committed")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-m", "eval", "model=tiny_long", "task=trace", "gen_length=256", "limit=1",
+                          f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode != 0
+    err = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("error: model tiny_long: its embedded weights are not in this checkout")
+    assert "model.path=" in err[0] and not list(tmp_path.glob("*.jsonl"))

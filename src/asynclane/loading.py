@@ -23,6 +23,9 @@ from .backbone import Backbone, BackboneSpec, ModelConfig, Transformer
 from .checkpoint import config_from_official, native_views, official_config, official_names
 
 TINY_DIR = Path(__file__).resolve().parent / "tiny"
+TINY_LONG_DIR = Path(__file__).resolve().parent / "tiny_long"
+# the models shipped inside the package, by model preset name (a preset with path: null loads its own)
+EMBEDDED = {"tiny": TINY_DIR, "tiny_long": TINY_LONG_DIR}
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 # end-of-answer tokens besides the config's EOS, by family (docs/research/backbones.md §1.6, §2.6)
@@ -31,6 +34,21 @@ EXTRA_EOS_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|eot|>")
 
 class CheckpointNotFound(FileNotFoundError):
     """No checkpoint where one was asked for (the message says how to get one)."""
+
+
+def model_path(path: Optional[Union[str, os.PathLike]], name: str = "tiny") -> Union[str, os.PathLike]:
+    """Where model preset ``name`` loads from: ``path`` when given, else the package's embedded
+    checkpoint of that name (any other name: the embedded ``tiny``).  An embedded checkpoint missing
+    from this checkout (``tiny_long`` before its weights are committed) raises CheckpointNotFound."""
+    if path:
+        return path
+    d = EMBEDDED.get(name, TINY_DIR)
+    if not (d / "config.json").exists():
+        raise CheckpointNotFound(
+            f"model {name}: its embedded weights are not in this checkout ({d} has no config.json). tiny_long is "
+            f"trained by scripts/train_tiny.py on a GPU (issue 17; recipe and CPU pilot in results/tiny_long_pilot); "
+            f"give model.path=<a trained checkpoint directory>, or use model=tiny")
+    return d
 
 
 class CheckpointError(ValueError):

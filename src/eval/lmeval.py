@@ -8,7 +8,7 @@ with the task mapping below::
         --model_args model=tiny,sampler=fast_dllm,gen_length=256 --tasks gsm8k --limit 5
 
 The model (``--model_args`` keys, all optional)
-    ``model`` (a preset of ``conf/model``: tiny, llada, dream; another name needs ``path``),
+    ``model`` (a preset of ``conf/model``: tiny, tiny_long, llada, dream; another name needs ``path``),
     ``path`` (checkpoint directory or hub id; default: the preset's), ``dtype`` (fp32 / bf16 /
     fp16; default: the preset's), ``sampler`` (a registered sampler or a ``conf/sampler`` preset;
     default blockwise), ``gen_length`` (the canvas; default: each request's ``max_gen_toks``,
@@ -183,10 +183,10 @@ class Settings:
     def fingerprint(self) -> str:
         """What decides a generation: model and weights, dtype, device, sampler and options,
         canvas, seed, batch size, BOS rule (not threads, warmup or out_dir)."""
-        from asynclane.loading import TINY_DIR, checkpoint_id
+        from asynclane.loading import checkpoint_id, model_path
 
         try:
-            ckpt = checkpoint_id(self.path or TINY_DIR)
+            ckpt = checkpoint_id(model_path(self.path, self.model))
         except Exception:  # noqa: BLE001 - an unreadable checkpoint fails later, with its own message
             ckpt = str(self.path)
         key = {"model": self.model, "checkpoint_id": ckpt, "dtype": self.dtype, "device": self.device,
@@ -206,7 +206,7 @@ def resolve_settings(model: str = "tiny", sampler: str = "blockwise", gen_length
 
     from .cli import preset
 
-    models = ("tiny", "llada", "dream")
+    models = ("tiny", "tiny_long", "llada", "dream")
     shipped = preset("model", str(model))
     if not shipped and path is None:
         raise ValueError(f"asynclane: unknown model {model!r}; valid choices: {', '.join(models)} "
@@ -282,7 +282,7 @@ class AsyncLaneLM(LM):
         super().__init__()
         import torch
 
-        from asynclane.loading import TINY_DIR, resolve_dtype
+        from asynclane.loading import model_path, resolve_dtype
         from asynclane.sampler import build_sampler
 
         from .runner import cached_backbone
@@ -290,7 +290,7 @@ class AsyncLaneLM(LM):
         self.settings = resolve_settings(**kwargs)
         s = self.settings
         self.fingerprint = s.fingerprint()
-        self.backbone = cached_backbone(s.model, s.path or TINY_DIR, resolve_dtype(s.dtype), torch.device(s.device),
+        self.backbone = cached_backbone(s.model, model_path(s.path, s.model), resolve_dtype(s.dtype), torch.device(s.device),
                                         compile=s.compile)
         self.tokenizer = self.backbone.tokenizer
         self._build_sampler = lambda L: build_sampler(s.sampler, **s.sampler_options, gen_length=L)

@@ -89,6 +89,7 @@ def gather(paths: Sequence[Path]) -> pd.DataFrame:
         log.warning("%d duplicate rows (same fingerprint and example) ignored", int(dups.sum()))
         df = df[~dups]
     df["method"] = method_labels(df)
+    df["task"] = task_labels(df)
     # a row's batch size (rows older than the field were batch 1); a sweep of several sizes keeps
     # each size apart: the batch joins the method label, the label without it is base_method
     sizes = df["batch_size"].fillna(1).astype(int) if "batch_size" in df else pd.Series(1, index=df.index)
@@ -97,6 +98,18 @@ def gather(paths: Sequence[Path]) -> pd.DataFrame:
         df["base_method"] = df["method"]
         df["method"] = [batch_label(m, b) for m, b in zip(df["base_method"], sizes)]
     return df.reset_index(drop=True)
+
+
+def task_labels(df: pd.DataFrame) -> pd.Series:
+    """The task column: the task's name, and ``name[variant]`` for a task whose rows hold several
+    ``task_variant`` values (e.g. ``trace[dep_distance=1]`` and ``trace[dep_distance=7]``), so
+    different example sets never share a cell."""
+    if "task_variant" not in df:
+        return df["task"]
+    variants = df["task_variant"].fillna("").astype(str)
+    several = {t for t, g in variants.groupby(df["task"]) if g.nunique() > 1}
+    return pd.Series([f"{t}[{v}]" if t in several and v else t for t, v in zip(df["task"], variants)],
+                     index=df.index)
 
 
 def batch_label(method: str, batch_size: int) -> str:

@@ -65,7 +65,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import baselines  # noqa: F401  (importing registers every competing sampler)
 from asynclane import CheckpointError, CheckpointNotFound, CountingBackbone, build_sampler, load_backbone
-from asynclane.loading import TINY_DIR, checkpoint_id, context_limits, load_tokenizer, resolve_device, resolve_dtype
+from asynclane.loading import checkpoint_id, context_limits, load_tokenizer, model_path, resolve_device, resolve_dtype
 from asynclane.sampler import first_eos_cut
 
 from . import distributed
@@ -129,7 +129,7 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict:
     device = distributed.rank_device(device, world)
     model = conf["model"]
     with _checkpoint_errors(model):  # the weights' identity is part of the fingerprint: rows from
-        model["checkpoint_id"] = checkpoint_id(model.get("path") or TINY_DIR)  # other weights never resume
+        model["checkpoint_id"] = checkpoint_id(model_path(model.get("path"), model["name"]))  # other weights never resume
     data_source = task.provenance() if hasattr(task, "provenance") else None  # hf: loads the records
     fingerprint = _fingerprint(conf, data_source)
     seed = int(conf["seed"])
@@ -161,7 +161,7 @@ def _run(cfg: DictConfig, out_dir: Path) -> dict:
     generated = {"rank": world.rank, "gen_tokens": 0, "seconds": 0.0}
     if mine:
         with _checkpoint_errors(model):
-            backbone = cached_backbone(model["name"], model.get("path") or TINY_DIR, dtype, device,
+            backbone = cached_backbone(model["name"], model_path(model.get("path"), model["name"]), dtype, device,
                                        compile=bool(model.get("compile")))
         threads = choose_threads(conf.get("threads"), backbone)
         options = {k: v for k, v in conf["sampler"].items() if k not in ("name", "gen_length")}
@@ -343,11 +343,11 @@ def _checkpoint_errors(model: dict):
         shipped = preset("model", name)  # the preset as shipped: its path is the model's hub id
         if isinstance(e, CheckpointNotFound) and shipped:
             hub_id = shipped.get("path")
-            if hub_id is None:
+            if hub_id is None and model.get("path"):
                 hint = f"; model={name} ships in the package: leave model.path unset (null)"
-            elif f"hf download {hub_id}" not in str(e):
+            elif hub_id is not None and f"hf download {hub_id}" not in str(e):
                 hint = f"; for model={name}: `hf download {hub_id} --local-dir DIR`, then model.path=DIR"
-        raise UsageError(f"model={name}: {e}{hint}") from e
+        raise UsageError(f"{e}{hint}" if str(e).startswith(f"model {name}:") else f"model={name}: {e}{hint}") from e
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
@@ -440,7 +440,7 @@ def _length_guard(model: dict, task, examples, gen_length: int) -> list[str]:
                          f"was trained for) or null (the checkpoint's own record), got {trained!r}")
     name = model["name"]
     with _checkpoint_errors(model):
-        limits = context_limits(model.get("path") or TINY_DIR)
+        limits = context_limits(model_path(model.get("path"), model["name"]))
         tok = load_tokenizer(limits.directory)
         if tok is None:
             raise CheckpointNotFound(f"{limits.directory} has no tokenizer files; the runner needs them to build prompts")

@@ -92,3 +92,95 @@ def plot_lane_timeline(trace: list, out_png: Path, title: str = "", prompt_lengt
     fig.savefig(out_png, dpi=130)
     plt.close(fig)
     return out_png
+
+
+def iter_traces(run_dir: Path):
+    """Yield (example_id, trace) of every example traced in ``run_dir``'s ``traces.jsonl`` (one
+    trace per example: a single-prompt call's, or each row's of a pooled batch; a natively batched
+    call's one trace, which covers every row, is skipped)."""
+    path = Path(run_dir) / "traces.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: rerun with save_traces=true")
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        ids = rec["example_ids"]
+        if len(ids) == 1:
+            yield ids[0], rec["trace"]
+        elif rec.get("info", {}).get("rows") is not None and len(rec["trace"]) == len(ids):
+            yield from zip(ids, (t or [] for t in rec["trace"]))
+
+
+def lane_shares(trace: list) -> dict:
+    """How much of one answer a continuation lane produced while refinement to its left was open.
+
+    Reads the lane records of an AsyncLane trace (``lanes`` with id/kind/block/committed, ``forks``
+    naming the refine lane each fork opens, ``kills``).  A refine (REF) lane is open from the end of
+    the iteration whose fork opened it to the last iteration it ran in (or was killed in).  Each
+    answer position is credited to the last lane that committed it (a draft verified by a refine
+    lane's row counts as that lane's); a position committed at iteration t by a GEN lane counts as
+
+    - ``async``: some REF lane opened before t and starting left of the position is still open
+      after t (decoding advanced past text whose refinement had not finished: asynchronous
+      refinement in the strict sense);
+    - ``overlap``: some REF lane opened before t and starting left of the position ran in
+      iteration t or is still open after it (``async`` plus the continuation's tokens decoded in
+      the same call as the refinement's last step, e.g. beside verified drafts).
+
+    Returns counts of positions: ``committed`` (all positions a lane committed), ``gen``
+    (committed by GEN lanes), ``async`` and ``overlap``.  A trace without lane records (another
+    sampler's) has every count 0.
+    """
+    born, last = {}, {}
+    for rec in trace:
+        it = rec["iteration"]
+        for f in rec.get("forks", []) or []:
+            if f.get("ref") is not None:
+                born.setdefault(f["ref"], it)
+        for lane in rec.get("lanes", []) or []:
+            if lane["kind"] == "REF":
+                last[lane["id"]] = it
+        for k in rec.get("kills", []) or []:
+            lid = k.get("lane", k.get("id")) if isinstance(k, dict) else k
+            if lid in born:
+                last[lid] = max(last.get(lid, it), it)
+    starts = {}
+    for rec in trace:
+        for lane in rec.get("lanes", []) or []:
+            if lane["kind"] == "REF":
+                starts[lane["id"]] = lane["block"][0]
+    refs = [(starts[r], born[r], last.get(r, born[r])) for r in starts if r in born]
+    credit = {}  # position -> (kind, iteration)
+    for rec in trace:
+        for lane in rec.get("lanes", []) or []:
+            for p in lane.get("committed", []) or []:
+                credit[p] = (lane["kind"], rec["iteration"])
+    out = {"committed": len(credit), "gen": 0, "async": 0, "overlap": 0}
+    for p, (kind, t) in credit.items():
+        if kind != "GEN":
+            continue
+        out["gen"] += 1
+        left = [(b, e) for s, b, e in refs if s < p and b < t]
+        out["async"] += any(e > t for _, e in left)
+        out["overlap"] += any(e >= t for _, e in left)
+    return out
+
+
+def run_lane_shares(run_dir: Path) -> Optional[dict]:
+    """:func:`lane_shares` summed over every traced example of a run, with the shares of the
+    committed positions (``async_share``, ``overlap_share``) and the number of ``examples``;
+    None when no trace holds lane records."""
+    total = {"committed": 0, "gen": 0, "async": 0, "overlap": 0}
+    n = 0
+    for _, trace in iter_traces(run_dir):
+        if not any(rec.get("lanes") for rec in trace):
+            continue
+        n += 1
+        for k, v in lane_shares(trace).items():
+            total[k] += v
+    if not n:
+        return None
+    c = total["committed"]
+    return {**total, "examples": n, "async_share": total["async"] / c if c else None,
+            "overlap_share": total["overlap"] / c if c else None}

@@ -198,3 +198,43 @@ def test_trainer_writes_the_record_into_every_checkpoint(tmp_path, capsys):
     limits = context_limits(tmp_path / "out")  # the evaluator reads what the trainer wrote
     assert limits.trained == record and limits.max_length == 512
     assert load_backbone(tmp_path / "out").spec.max_length == 512
+
+
+def test_trainer_compact_state_drops_the_moments_and_rewarms_on_resume(tmp_path, capsys):
+    """--compact-state (a state small enough to travel to a GPU machine and back): weights, step and
+    schedule without AdamW's moments; a resume starts fresh moments under a re-warmed lr."""
+    spec = importlib.util.spec_from_file_location("train_tiny_compact", ROOT / "scripts" / "train_tiny.py")
+    trainer = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = trainer
+    path = list(sys.path)
+    try:
+        spec.loader.exec_module(trainer)
+        argv = ["--tasks", "trace", "--gen-lengths", "256", "--max-length", "512", "--d-model", "32",
+                "--layers", "1", "--heads", "2", "--mlp", "64", "--threads", "1", "--batch-tokens", "1024",
+                "--save-every", "1", "--warmup", "1", "--rewarm", "4", "--state", str(tmp_path / "full"),
+                "--out", str(tmp_path / "out"), "--log", str(tmp_path / "log.jsonl")]
+        with torch.random.fork_rng(devices=[]):
+            trainer.main([*argv, "--steps", "2"])
+            compact = [a if a != str(tmp_path / "full") else str(tmp_path / "compact") for a in argv]
+            trainer.main([*compact, "--steps", "2", "--compact-state"])
+            full, small = (torch.load(tmp_path / d / "state.pt", weights_only=False) for d in ("full", "compact"))
+            assert small["opt"] is None and full["opt"]["state"] and small["step"] == full["step"] == 2
+            size = {d: (tmp_path / d / "state.pt").stat().st_size for d in ("full", "compact")}
+            assert size["compact"] < 0.4 * size["full"]
+            trainer.main([*compact, "--steps", "3", "--compact-state"])  # resumes: fresh moments
+            assert torch.load(tmp_path / "compact" / "state.pt", weights_only=False)["step"] == 3
+            again = [a if a != str(tmp_path / "out") else str(tmp_path / "again") for a in compact]
+            trainer.main([*again, "--export-only"])  # the export, rebuilt from the state alone
+            with pytest.raises(SystemExit, match="--export-only: no state"):
+                trainer.main([*again[:-6], "--state", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"),
+                              "--export-only"])
+    finally:
+        sys.modules.pop(spec.name, None)
+        sys.path[:] = path
+    assert "resumed at step 2 (" in capsys.readouterr().out.split("fresh optimizer moments")[0]
+    assert (tmp_path / "again" / "training.json").read_text() == (tmp_path / "out" / "training.json").read_text()
+    a, b = load_backbone(tmp_path / "out"), load_backbone(tmp_path / "again")
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+    args = trainer.parse_args(["--lr", "1.0", "--warmup", "0", "--steps", "100", "--rewarm", "4"])
+    assert trainer.lr_at(10, args, rewarm_from=10) == pytest.approx(trainer.lr_at(10, args) / 4)
+    assert trainer.lr_at(13, args, rewarm_from=10) == trainer.lr_at(13, args)

@@ -152,7 +152,7 @@ def test_loglikelihood_is_refused_naming_what_to_run(tiny_lm):
 
 
 @pytest.mark.parametrize("args, msg", [
-    ({"model": "gpt2"}, "unknown model 'gpt2'; valid choices: tiny, llada, dream"),
+    ({"model": "gpt2"}, "unknown model 'gpt2'; valid choices: tiny, tiny_long, llada, dream"),
     ({"sampler": "nope"}, "unknown sampler 'nope'; valid choices: .*blockwise"),
     ({"sampler": "fast_dllm", "treshold": 0.9}, "no option.*treshold.*valid options"),
     ({"batch_size": "auto"}, "batch_size='auto' is not supported.*valid: an integer >= 1"),

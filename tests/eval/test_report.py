@@ -294,3 +294,21 @@ def test_batch_sweep_report_adds_the_tps_vs_batch_plot(batch_sweep, synthetic, t
     assert "tps_vs_batch" not in files and not (tmp_path / "plain" / "tps_vs_batch.png").exists()
     assert not {"batch_size", "base_method", "speedup_vs_batch1"} & set(pd.read_csv(files["csv"]).columns)
     assert "[batch" not in open(files["md"]).read() and "Batch sweep" not in open(files["md"]).read()
+
+
+def test_task_variants_of_one_task_get_their_own_columns(tmp_path):
+    spec = SPECS[("blockwise", 32)]
+    rows = []
+    for dep in (1, 7):
+        rs = _rows("blockwise", 32, spec, task="trace")
+        for r in rs:
+            r.update(task_variant=f"dep_distance={dep}", fingerprint=f"{r['fingerprint']}-{dep}")
+        rows += rs
+    other = _rows("blockwise", 32, spec)  # arith: one variant, its name unchanged
+    for r in other:
+        r["task_variant"] = ""
+    (tmp_path / SAMPLES).write_text("".join(json.dumps(r) + "\n" for r in rows + other))
+    g = group(gather([tmp_path / SAMPLES]))
+    assert sorted(g["task"]) == ["arith", "trace[dep_distance=1]", "trace[dep_distance=7]"]
+    assert set(g["n"]) == {4}  # the two distances are not pooled into one cell
+    assert r"trace[dep\_distance=7], $L=32$" in latex_table(g)

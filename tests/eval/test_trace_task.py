@@ -299,3 +299,10 @@ def test_trainer_steps_on_trace_batches(trainer, tok):
             opt.step()
             losses.append(loss.item())
     assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_rows_name_the_dependency_distance_as_the_task_variant():
+    from eval.tasks.trace import TraceTask
+
+    assert TraceTask(n=2, budget=512, dep_distance=3).variant == "dep_distance=3"
+    assert TraceTask(n=2).variant == "dep_distance=1"

@@ -198,6 +198,12 @@ class TraceTask(ChatTask):
         check_dep_distance(budget, dep_distance)
         self.n, self.budget, self.dep_distance = n, budget, dep_distance
 
+    @property
+    def variant(self) -> str:
+        """Rows' ``task_variant``: the dependency distance (the budget class follows ``gen_length``),
+        so ``eval.report`` keeps the distances of one sweep apart."""
+        return f"dep_distance={self.dep_distance}"
+
     def examples(self, limit: Optional[int] = None, seed: int = 0, mode: str = "first") -> list[Example]:
         pool = [Example(id=f"trace-{i:04d}", prompt=p.prompt, answer=p.target, meta={"reference": p.answer})
                 for i, p in enumerate(test_problems(self.budget, self.dep_distance, self.n))]

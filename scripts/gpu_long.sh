@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The tiny_long training run (issue 17) in GPU windows: each window trains a resumable chunk, checks
+# the quality bar through the harness, and brings back what the next window and this repo need.
+#
+#   bash scripts/gpu_long.sh wheels        # here, once: wheels of what the GPU image lacks, into .whl/
+#   device run: command "bash scripts/gpu_long.sh window", carry [".whl", "scripts/tiny_state/long"],
+#               timeout_s 600
+#   bash scripts/gpu_long.sh unpack DIR    # here: DIR = the run's files_at; restores the state into
+#                                          # scripts/tiny_state/long and the export into $EXPORT
+#
+# window (on the GPU machine, $OUT set by the device tool):
+#  1. installs hydra-core/omegaconf/antlr4 from .whl/ (the image has torch, transformers, pandas...)
+#     and this project (editable, no network);
+#  2. trains TRAIN_SECONDS (default 420) on the state in scripts/tiny_state/long, a --compact-state
+#     (weights, step, schedule, no optimizer moments: ~28 MB, small enough to travel with the repo);
+#     the first window calibrates a cosine schedule for TOTAL_SECONDS (default 2400) of training;
+#  3. the quality bar on the export, through the harness: blockwise one token per step at 256/512/1024
+#     (trace, dep_distance 1: the task's default), and parallel commits at 256 (4 and 8 tokens per
+#     step; fast_dllm at threshold 0.5), the first QUALITY_N (default 100) held-out problems each;
+#  4. $OUT: the state's shards (each under 16 MiB) and rest.tar.gz (state index, log, the export's
+#     config/training.json, the quality runs): at most 8 files come back from a window.
+#
+# Every knob is an environment variable (defaults below), so the same script runs a short CPU check:
+#   OUT=/tmp/w DEVICE=cpu AMP= WORKERS=0 THREADS=2 MODEL="--d-model 32 --layers 1 --heads 2 --mlp 64" \
+#   BATCH_TOKENS=4096 TRAIN_SECONDS=20 TOTAL_SECONDS=60 QUALITY_N=2 LENGTHS=256 bash scripts/gpu_long.sh window
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MODEL=${MODEL:---d-model 256 --layers 8 --heads 4 --mlp 768 --max-length 1600}
+RECIPE=${RECIPE:---tasks trace --lr 1e-3 --warmup 300 --probe-every 1000 --probe-n 50 --save-every 1000}
+STATE=${STATE:-scripts/tiny_state/long}
+EXPORT=${EXPORT:-src/asynclane/tiny_long}
+DEVICE=${DEVICE:-cuda}
+AMP=${AMP---amp}
+WORKERS=${WORKERS:-14}
+THREADS=${THREADS:-2}
+BATCH_TOKENS=${BATCH_TOKENS:-65536}
+TRAIN_SECONDS=${TRAIN_SECONDS:-420}
+TOTAL_SECONDS=${TOTAL_SECONDS:-2400}
+QUALITY_N=${QUALITY_N:-100}
+LENGTHS=${LENGTHS:-256,512,1024}
+PY=${PY:-python3}
+
+wheels() {
+  mkdir -p .whl
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl hydra-core==1.3.8 omegaconf==2.3.0
+  "$PY" -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3  # an sdist upstream: built here
+  ls .whl
+}
+
+install() {
+  if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  "$PY" -c "import eval.conf" 2>/dev/null || "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
+}
+
+window() {
+  : "${OUT:?OUT must name the folder whose files come back}"
+  install
+  local q=$OUT/work/quality
+  mkdir -p "$STATE" "$q"
+  PYTHONUNBUFFERED=1 "$PY" scripts/train_tiny.py --device "$DEVICE" $AMP --workers "$WORKERS" --threads "$THREADS" \
+    $MODEL $RECIPE --batch-tokens "$BATCH_TOKENS" --steps 0 --time-budget "$TOTAL_SECONDS" \
+    --chunk-seconds "$TRAIN_SECONDS" --shard-mib 15 --compact-state --state "$STATE" --out "$OUT/work/export" \
+    --weights-only --log "$STATE/log.jsonl" 2>&1 | tee "$OUT/work/train.out"
+  cp src/asynclane/tiny/tokenizer.json src/asynclane/tiny/tokenizer_config.json \
+    src/asynclane/tiny/chat_template.jinja "$OUT/work/export/"
+  local n=$QUALITY_N
+  local m=(model=tiny_long "model.path=$OUT/work/export" "device=$DEVICE" task=trace "limit=$n" "batch_size=$n" warmup=0)
+  "$PY" -m eval -m "${m[@]}" sampler=blockwise "gen_length=$LENGTHS" \
+    "hydra.sweep.dir=$q/lengths" 'hydra.sweep.subdir=blockwise-L${gen_length}' 2>&1 | tail -n 40
+  local L0=${LENGTHS%%,*}
+  "$PY" -m eval -m "${m[@]}" sampler=blockwise "gen_length=$L0" "sampler.steps=$((L0 / 4)),$((L0 / 8))" \
+    "hydra.sweep.dir=$q/parallel" 'hydra.sweep.subdir=blockwise-L${gen_length}-steps${sampler.steps}' 2>&1 | tail -n 20
+  "$PY" -m eval "${m[@]}" sampler=fast_dllm "gen_length=$L0" sampler.threshold=0.5 \
+    "hydra.run.dir=$q/parallel/fast_dllm-L$L0-threshold0.5" 2>&1 | tail -n 12
+  "$PY" - "$q" <<'EOF'
+import json, sys
+from pathlib import Path
+for s in sorted(Path(sys.argv[1]).rglob("summary.json")):
+    d = json.loads(s.read_text())
+    print(f"{s.parent.relative_to(sys.argv[1])}: n={d['n']} accuracy={d['accuracy']:.3f} nfe={d.get('nfe_mean')}")
+EOF
+  mkdir -p "$OUT/state"
+  cp "$STATE"/state-*-of-*.pt "$OUT/state/"
+  tar czf "$OUT/rest.tar.gz" -C "$STATE" state-index.pt log.jsonl -C "$OUT/work" train.out quality \
+    export/config.json export/training.json
+  rm -rf "$OUT/work"
+  ls -la "$OUT" "$OUT/state"
+}
+
+unpack() {
+  local dir=${1:?usage: bash scripts/gpu_long.sh unpack FILES_AT}
+  mkdir -p "$STATE" results/tiny_long_windows
+  rm -f "$STATE"/state-*-of-*.pt
+  cp "$dir"/state/state-*-of-*.pt "$STATE/"
+  local tmp
+  tmp=$(mktemp -d)
+  tar xzf "$dir/rest.tar.gz" -C "$tmp"
+  cp "$tmp/state-index.pt" "$tmp/log.jsonl" "$STATE/"
+  local step
+  step=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" "$tmp/export/training.json")
+  rm -rf "results/tiny_long_windows/step$step"
+  mkdir -p "results/tiny_long_windows/step$step"
+  cp -r "$tmp/quality" "$tmp/train.out" "$tmp/export/training.json" "results/tiny_long_windows/step$step/"
+  cp "$tmp/log.jsonl" results/tiny_long_windows/log.jsonl
+  "$PY" scripts/train_tiny.py $MODEL $RECIPE --state "$STATE" --out "$EXPORT" --export-only
+  rm -rf "$tmp"
+}
+
+case "${1:-}" in
+  wheels) wheels ;;
+  window) window ;;
+  unpack) shift; unpack "$@" ;;
+  *) echo "usage: bash scripts/gpu_long.sh wheels|window|unpack FILES_AT" >&2; exit 2 ;;
+esac
