@@ -6,7 +6,11 @@
 #   device run: command "bash scripts/gpu_long.sh window", carry [".whl", "scripts/tiny_state/long"],
 #               timeout_s 600
 #   bash scripts/gpu_long.sh unpack DIR    # here: DIR = the run's files_at; restores the state into
-#                                          # scripts/tiny_state/long and the export into $EXPORT
+#                                          # scripts/tiny_state/long, the fp32 export (with the tokenizer)
+#                                          # into scripts/tiny_state/long_export, the window's quality runs
+#                                          # and log into results/tiny_long_windows/step<N>
+#   bash scripts/gpu_long.sh promote       # here, once the bar holds: the state's weights in fp16 (the
+#                                          # window checked fp16 == fp32 completions) as src/asynclane/tiny_long
 #
 # window (on the GPU machine, $OUT set by the device tool):
 #  1. installs hydra-core/omegaconf/antlr4 from .whl/ (the image has torch, transformers, pandas...)
@@ -16,7 +20,8 @@
 #     the first window calibrates a cosine schedule for TOTAL_SECONDS (default 2400) of training;
 #  3. the quality bar on the export, through the harness: blockwise one token per step at 256/512/1024
 #     (trace, dep_distance 1: the task's default), and parallel commits at 256 (4 and 8 tokens per
-#     step; fast_dllm at threshold 0.5), the first QUALITY_N (default 100) held-out problems each;
+#     step; fast_dllm at threshold 0.5), the first QUALITY_N (default 100) held-out problems each; the
+#     one-token runs again on the weights in fp16 (what promote commits), completions compared;
 #  4. $OUT: the state's shards (each under 16 MiB) and rest.tar.gz (state index, log, the export's
 #     config/training.json, the quality runs): at most 8 files come back from a window.
 #
@@ -29,7 +34,9 @@ cd "$(dirname "$0")/.."
 MODEL=${MODEL:---d-model 256 --layers 8 --heads 4 --mlp 768 --max-length 1600}
 RECIPE=${RECIPE:---tasks trace --lr 1e-3 --warmup 300 --probe-every 1000 --probe-n 50 --save-every 1000}
 STATE=${STATE:-scripts/tiny_state/long}
-EXPORT=${EXPORT:-src/asynclane/tiny_long}
+EXPORT=${EXPORT:-scripts/tiny_state/long_export}  # ignored: an untracked model here would travel to the GPU
+PROMOTED=${PROMOTED:-src/asynclane/tiny_long}     # promote: the embedded model=tiny_long (fp16)
+RESULTS=${RESULTS:-results/tiny_long_windows}  # unpack: each window's quality runs, training log and output
 DEVICE=${DEVICE:-cuda}
 AMP=${AMP---amp}
 WORKERS=${WORKERS:-14}
@@ -67,10 +74,10 @@ window() {
     $MODEL $RECIPE --batch-tokens "$BATCH_TOKENS" --steps 0 --time-budget "$TOTAL_SECONDS" \
     --chunk-seconds "$TRAIN_SECONDS" --shard-mib 15 --compact-state --state "$STATE" --out "$OUT/work/export" \
     --weights-only --log "$STATE/log.jsonl" 2>&1 | tee "$OUT/work/train.out"
-  cp src/asynclane/tiny/tokenizer.json src/asynclane/tiny/tokenizer_config.json \
-    src/asynclane/tiny/chat_template.jinja "$OUT/work/export/"
+  cp src/asynclane/tiny/{tokenizer.json,tokenizer_config.json,chat_template.jinja} "$OUT/work/export/"
   local n=$QUALITY_N
-  local m=(model=tiny_long "model.path=$OUT/work/export" "device=$DEVICE" task=trace "limit=$n" "batch_size=$n" warmup=0)
+  local base=(model=tiny_long "device=$DEVICE" task=trace "limit=$n" "batch_size=$n" warmup=0)
+  local m=("${base[@]}" "model.path=$OUT/work/export") m16=("${base[@]}" "model.path=$OUT/work/export16")
   "$PY" -m eval -m "${m[@]}" sampler=blockwise "gen_length=$LENGTHS" \
     "hydra.sweep.dir=$q/lengths" 'hydra.sweep.subdir=blockwise-L${gen_length}' 2>&1 | tail -n 40
   local L0=${LENGTHS%%,*}
@@ -78,12 +85,21 @@ window() {
     "hydra.sweep.dir=$q/parallel" 'hydra.sweep.subdir=blockwise-L${gen_length}-steps${sampler.steps}' 2>&1 | tail -n 20
   "$PY" -m eval "${m[@]}" sampler=fast_dllm "gen_length=$L0" sampler.threshold=0.5 \
     "hydra.run.dir=$q/parallel/fast_dllm-L$L0-threshold0.5" 2>&1 | tail -n 12
+  "$PY" scripts/train_tiny.py $MODEL $RECIPE --state "$STATE" --out "$OUT/work/export16" --export-only --export-dtype fp16
+  "$PY" -m eval -m "${m16[@]}" sampler=blockwise "gen_length=$LENGTHS" \
+    "hydra.sweep.dir=$q/lengths_fp16" 'hydra.sweep.subdir=blockwise-L${gen_length}' 2>&1 | tail -n 20
   "$PY" - "$q" <<'EOF'
 import json, sys
 from pathlib import Path
-for s in sorted(Path(sys.argv[1]).rglob("summary.json")):
+q = Path(sys.argv[1])
+for s in sorted(q.rglob("summary.json")):
     d = json.loads(s.read_text())
-    print(f"{s.parent.relative_to(sys.argv[1])}: n={d['n']} accuracy={d['accuracy']:.3f} nfe={d.get('nfe_mean')}")
+    print(f"{s.parent.relative_to(q)}: n={d['n']} accuracy={d['accuracy']:.3f} nfe={d.get('nfe_mean')}")
+def completions(run):
+    return {r["example_id"]: r["completion"] for r in map(json.loads, (run / "samples.jsonl").read_text().splitlines())}
+for run in sorted((q / "lengths_fp16").glob("blockwise-L*")):
+    a, b = completions(q / "lengths" / run.name), completions(run)
+    print(f"fp16 weights, {run.name}: {sum(a[k] == b[k] for k in b)}/{len(b)} completions equal fp32's")
 EOF
   mkdir -p "$OUT/state"
   cp "$STATE"/state-*-of-*.pt "$OUT/state/"
@@ -95,7 +111,7 @@ EOF
 
 unpack() {
   local dir=${1:?usage: bash scripts/gpu_long.sh unpack FILES_AT}
-  mkdir -p "$STATE" results/tiny_long_windows
+  mkdir -p "$STATE" "$RESULTS"
   rm -f "$STATE"/state-*-of-*.pt
   cp "$dir"/state/state-*-of-*.pt "$STATE/"
   local tmp
@@ -104,17 +120,22 @@ unpack() {
   cp "$tmp/state-index.pt" "$tmp/log.jsonl" "$STATE/"
   local step
   step=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" "$tmp/export/training.json")
-  rm -rf "results/tiny_long_windows/step$step"
-  mkdir -p "results/tiny_long_windows/step$step"
-  cp -r "$tmp/quality" "$tmp/train.out" "$tmp/export/training.json" "results/tiny_long_windows/step$step/"
-  cp "$tmp/log.jsonl" results/tiny_long_windows/log.jsonl
+  rm -rf "$RESULTS/step$step"
+  mkdir -p "$RESULTS/step$step"
+  cp -r "$tmp/quality" "$tmp/train.out" "$tmp/export/training.json" "$RESULTS/step$step/"
+  cp "$tmp/log.jsonl" "$RESULTS/log.jsonl"
   "$PY" scripts/train_tiny.py $MODEL $RECIPE --state "$STATE" --out "$EXPORT" --export-only
   rm -rf "$tmp"
+}
+
+promote() {
+  "$PY" scripts/train_tiny.py $MODEL $RECIPE --state "$STATE" --out "$PROMOTED" --export-only --export-dtype fp16
 }
 
 case "${1:-}" in
   wheels) wheels ;;
   window) window ;;
   unpack) shift; unpack "$@" ;;
-  *) echo "usage: bash scripts/gpu_long.sh wheels|window|unpack FILES_AT" >&2; exit 2 ;;
+  promote) promote ;;
+  *) echo "usage: bash scripts/gpu_long.sh wheels|window|unpack FILES_AT|promote" >&2; exit 2 ;;
 esac

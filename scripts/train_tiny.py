@@ -232,6 +232,8 @@ def parse_args(argv=None):
     ap.add_argument("--export-only", action="store_true",
                     help="write --out from the state in --state (weights, config, training.json as the run that "
                          "saved it wrote them) and stop: the export of a state brought back from another machine")
+    ap.add_argument("--export-dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                    help="with --export-only: the exported weights' dtype (fp16 halves a committed model)")
     ap.add_argument("--rewarm", type=int, default=50,
                     help="lr ramp after resuming from a compact state (default 50 steps; AdamW's second moment "
                          "averages over ~20 steps at beta2 0.95)")
@@ -510,13 +512,13 @@ def tensors_per_shard(model, shard_bytes: int) -> int:
                      f"valid: --shard-mib >= {math.ceil(max(sizes) / 2 ** 20)}")
 
 
-def export(model, tok, out: Path, meta: dict, with_tokenizer: bool, shard_bytes=None) -> None:
+def export(model, tok, out: Path, meta: dict, with_tokenizer: bool, shard_bytes=None, dtype="fp32") -> None:
     if shard_bytes is None:
-        export_checkpoint(model, tok, out, meta=meta, with_tokenizer=with_tokenizer)
+        export_checkpoint(model, tok, out, meta=meta, with_tokenizer=with_tokenizer, dtype=dtype)
         return
     ids = {"mask": tok.mask_token_id, "eos": tok.eos_token_id, "pad": tok.eos_token_id, "bos": tok.bos_token_id}
     save_checkpoint(model, out, ids, tokenizer=tok if with_tokenizer else None,
-                    shard_size=tensors_per_shard(model, shard_bytes), meta=meta)
+                    shard_size=tensors_per_shard(model, shard_bytes), meta=meta, dtype=dtype)
 
 
 def trained_context(seen: dict, max_length: int) -> dict:
@@ -611,7 +613,9 @@ def main(argv=None):
             raise SystemExit(f"--export-only: no state with its export record in {args.state} (states saved by this "
                              f"version of the trainer hold one); valid: a --state directory a run wrote")
         model.load_state_dict(st["model"])
-        export(model, tok, args.out, st["meta"], with_tokenizer=not args.weights_only, shard_bytes=shard_bytes)
+        half = {} if args.export_dtype == "fp32" else {"weights_dtype": args.export_dtype}
+        export(model, tok, args.out, {**st["meta"], **half},
+               with_tokenizer=not args.weights_only, shard_bytes=shard_bytes, dtype=args.export_dtype)
         print(f"exported step {st['step']} from {args.state} to {args.out}", flush=True)
         return
     if st is not None:

@@ -310,14 +310,15 @@ def load_backbone(path_or_hub_id: Union[str, os.PathLike] = TINY_DIR, *, dtype=N
 
 
 def save_checkpoint(model: Transformer, out: Path, token_ids: dict, tokenizer=None,
-                    shard_size: Optional[int] = None, meta: Optional[dict] = None) -> None:
-    """Write ``model`` as an official-schema checkpoint (optionally sharded with an index)."""
+                    shard_size: Optional[int] = None, meta: Optional[dict] = None, dtype=torch.float32) -> None:
+    """Write ``model`` as an official-schema checkpoint (optionally sharded with an index), its
+    tensors in ``dtype`` (default fp32; :func:`load_backbone` casts to the dtype it is asked for)."""
     from safetensors.torch import save_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = official_names(model.cfg)
-    sd = {names[n]: p.detach().float().contiguous().cpu() for n, p in native_views(model).items()}
+    sd = {names[n]: p.detach().to(resolve_dtype(dtype)).contiguous().cpu() for n, p in native_views(model).items()}
     for f in out.glob("*.safetensors"):
         f.unlink()
     (out / "model.safetensors.index.json").unlink(missing_ok=True)

@@ -8,7 +8,8 @@ from .loading import TINY_DIR, save_checkpoint
 __all__ = ["TINY_DIR", "export_checkpoint"]
 
 
-def export_checkpoint(model, tok, out: Path = TINY_DIR, meta=None, with_tokenizer: bool = True) -> None:
+def export_checkpoint(model, tok, out: Path = TINY_DIR, meta=None, with_tokenizer: bool = True,
+                      dtype="fp32") -> None:
     """Weights, config and (unless ``with_tokenizer`` is False) the tokenizer files into ``out``.
 
     The tokenizer is a pure function of the task vocabulary, so a remote training run may ship back
@@ -16,4 +17,4 @@ def export_checkpoint(model, tok, out: Path = TINY_DIR, meta=None, with_tokenize
     """
     ids = {"mask": tok.mask_token_id, "eos": tok.eos_token_id, "pad": tok.eos_token_id,
            "bos": tok.bos_token_id}
-    save_checkpoint(model, out, ids, tokenizer=tok if with_tokenizer else None, meta=meta)
+    save_checkpoint(model, out, ids, tokenizer=tok if with_tokenizer else None, meta=meta, dtype=dtype)

@@ -225,6 +225,8 @@ def test_trainer_compact_state_drops_the_moments_and_rewarms_on_resume(tmp_path,
             assert torch.load(tmp_path / "compact" / "state.pt", weights_only=False)["step"] == 3
             again = [a if a != str(tmp_path / "out") else str(tmp_path / "again") for a in compact]
             trainer.main([*again, "--export-only"])  # the export, rebuilt from the state alone
+            half = [a if a != str(tmp_path / "again") else str(tmp_path / "half") for a in again]
+            trainer.main([*half, "--export-only", "--export-dtype", "fp16"])
             with pytest.raises(SystemExit, match="--export-only: no state"):
                 trainer.main([*again[:-6], "--state", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"),
                               "--export-only"])
@@ -235,6 +237,13 @@ def test_trainer_compact_state_drops_the_moments_and_rewarms_on_resume(tmp_path,
     assert (tmp_path / "again" / "training.json").read_text() == (tmp_path / "out" / "training.json").read_text()
     a, b = load_backbone(tmp_path / "out"), load_backbone(tmp_path / "again")
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+    from asynclane.loading import read_state_dict
+
+    full, half = read_state_dict(tmp_path / "again"), read_state_dict(tmp_path / "half")
+    assert {t.dtype for t in half.values()} == {torch.float16} and {t.dtype for t in full.values()} == {torch.float32}
+    assert all(torch.equal(full[k].half(), half[k]) for k in full)
+    assert json.loads((tmp_path / "half" / "training.json").read_text())["weights_dtype"] == "fp16"
+    assert load_backbone(tmp_path / "half").model.embed.weight.dtype == torch.float32  # cast on load
     args = trainer.parse_args(["--lr", "1.0", "--warmup", "0", "--steps", "100", "--rewarm", "4"])
     assert trainer.lr_at(10, args, rewarm_from=10) == pytest.approx(trainer.lr_at(10, args) / 4)
     assert trainer.lr_at(13, args, rewarm_from=10) == trainer.lr_at(13, args)
