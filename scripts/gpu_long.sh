@@ -20,10 +20,14 @@
 #     the first window calibrates a cosine schedule for TOTAL_SECONDS (default 2400) of training;
 #  3. the quality bar on the export, through the harness: blockwise one token per step at 256/512/1024
 #     (trace, dep_distance 1: the task's default), and parallel commits at 256 (4 and 8 tokens per
-#     step; fast_dllm at threshold 0.5), the first QUALITY_N (default 100) held-out problems each; the
-#     one-token runs again on the weights in fp16 (what promote commits), completions compared;
-#  4. $OUT: the state's shards (each under 16 MiB) and rest.tar.gz (state index, log, the export's
-#     config/training.json, the quality runs): at most 8 files come back from a window.
+#     step; fast_dllm at threshold 0.5), the first QUALITY_N (default 50) held-out problems each; with
+#     PARITY=1 the one-token runs again on the weights in fp16 (what promote commits), compared;
+#  4. $OUT: state/ (the state's shards, each under 16 MiB, its index and the training log: copied
+#     right after training, so they come back even if the evaluation runs out of time) and
+#     rest.tar.gz (the window's output, the export's config/training.json, the quality runs): at
+#     most 8 files come back from a window.
+# Time: 360 s of training, ~40 s of start-up and calibration, the evaluation ~1-2 min on an H100
+# (estimated, not yet measured): under the 10-minute limit of one command.
 #
 # Every knob is an environment variable (defaults below), so the same script runs a short CPU check:
 #   OUT=/tmp/w DEVICE=cpu AMP= WORKERS=0 THREADS=2 MODEL="--d-model 32 --layers 1 --heads 2 --mlp 64" \
@@ -42,9 +46,10 @@ AMP=${AMP---amp}
 WORKERS=${WORKERS:-14}
 THREADS=${THREADS:-2}
 BATCH_TOKENS=${BATCH_TOKENS:-65536}
-TRAIN_SECONDS=${TRAIN_SECONDS:-420}
+TRAIN_SECONDS=${TRAIN_SECONDS:-360}
 TOTAL_SECONDS=${TOTAL_SECONDS:-2400}
-QUALITY_N=${QUALITY_N:-100}
+QUALITY_N=${QUALITY_N:-50}
+PARITY=${PARITY:-0}  # 1: also the one-token runs on fp16 weights (the window before promote)
 LENGTHS=${LENGTHS:-256,512,1024}
 PY=${PY:-python3}
 
@@ -74,6 +79,8 @@ window() {
     $MODEL $RECIPE --batch-tokens "$BATCH_TOKENS" --steps 0 --time-budget "$TOTAL_SECONDS" \
     --chunk-seconds "$TRAIN_SECONDS" --shard-mib 15 --compact-state --state "$STATE" --out "$OUT/work/export" \
     --weights-only --log "$STATE/log.jsonl" 2>&1 | tee "$OUT/work/train.out"
+  mkdir -p "$OUT/state"  # the state first: it comes back even if the evaluation below runs out of time
+  cp "$STATE"/state-*-of-*.pt "$STATE/state-index.pt" "$STATE/log.jsonl" "$OUT/state/"
   cp src/asynclane/tiny/{tokenizer.json,tokenizer_config.json,chat_template.jinja} "$OUT/work/export/"
   local n=$QUALITY_N
   local base=(model=tiny_long "device=$DEVICE" task=trace "limit=$n" "batch_size=$n" warmup=0)
@@ -85,9 +92,11 @@ window() {
     "hydra.sweep.dir=$q/parallel" 'hydra.sweep.subdir=blockwise-L${gen_length}-steps${sampler.steps}' 2>&1 | tail -n 20
   "$PY" -m eval "${m[@]}" sampler=fast_dllm "gen_length=$L0" sampler.threshold=0.5 \
     "hydra.run.dir=$q/parallel/fast_dllm-L$L0-threshold0.5" 2>&1 | tail -n 12
-  "$PY" scripts/train_tiny.py $MODEL $RECIPE --state "$STATE" --out "$OUT/work/export16" --export-only --export-dtype fp16
-  "$PY" -m eval -m "${m16[@]}" sampler=blockwise "gen_length=$LENGTHS" \
-    "hydra.sweep.dir=$q/lengths_fp16" 'hydra.sweep.subdir=blockwise-L${gen_length}' 2>&1 | tail -n 20
+  if [ "$PARITY" = 1 ]; then
+    "$PY" scripts/train_tiny.py $MODEL $RECIPE --state "$STATE" --out "$OUT/work/export16" --export-only --export-dtype fp16
+    "$PY" -m eval -m "${m16[@]}" sampler=blockwise "gen_length=$LENGTHS" \
+      "hydra.sweep.dir=$q/lengths_fp16" 'hydra.sweep.subdir=blockwise-L${gen_length}' 2>&1 | tail -n 20
+  fi
   "$PY" - "$q" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -101,10 +110,7 @@ for run in sorted((q / "lengths_fp16").glob("blockwise-L*")):
     a, b = completions(q / "lengths" / run.name), completions(run)
     print(f"fp16 weights, {run.name}: {sum(a[k] == b[k] for k in b)}/{len(b)} completions equal fp32's")
 EOF
-  mkdir -p "$OUT/state"
-  cp "$STATE"/state-*-of-*.pt "$OUT/state/"
-  tar czf "$OUT/rest.tar.gz" -C "$STATE" state-index.pt log.jsonl -C "$OUT/work" train.out quality \
-    export/config.json export/training.json
+  tar czf "$OUT/rest.tar.gz" -C "$OUT/work" train.out quality export/config.json export/training.json
   rm -rf "$OUT/work"
   ls -la "$OUT" "$OUT/state"
 }
@@ -113,19 +119,21 @@ unpack() {
   local dir=${1:?usage: bash scripts/gpu_long.sh unpack FILES_AT}
   mkdir -p "$STATE" "$RESULTS"
   rm -f "$STATE"/state-*-of-*.pt
-  cp "$dir"/state/state-*-of-*.pt "$STATE/"
-  local tmp
-  tmp=$(mktemp -d)
-  tar xzf "$dir/rest.tar.gz" -C "$tmp"
-  cp "$tmp/state-index.pt" "$tmp/log.jsonl" "$STATE/"
+  cp "$dir"/state/* "$STATE/"
+  cp "$dir/state/log.jsonl" "$RESULTS/log.jsonl"
   local step
-  step=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" "$tmp/export/training.json")
-  rm -rf "$RESULTS/step$step"
-  mkdir -p "$RESULTS/step$step"
-  cp -r "$tmp/quality" "$tmp/train.out" "$tmp/export/training.json" "$RESULTS/step$step/"
-  cp "$tmp/log.jsonl" "$RESULTS/log.jsonl"
+  step=$("$PY" -c "import sys, torch; print(torch.load(sys.argv[1], weights_only=False)['skeleton']['step'])" \
+    "$STATE/state-index.pt")
+  if [ -f "$dir/rest.tar.gz" ]; then  # absent when the window ran out of time after training
+    local tmp
+    tmp=$(mktemp -d)
+    tar xzf "$dir/rest.tar.gz" -C "$tmp"
+    rm -rf "$RESULTS/step$step"
+    mkdir -p "$RESULTS/step$step"
+    cp -r "$tmp/quality" "$tmp/train.out" "$tmp/export/training.json" "$RESULTS/step$step/"
+    rm -rf "$tmp"
+  fi
   "$PY" scripts/train_tiny.py $MODEL $RECIPE --state "$STATE" --out "$EXPORT" --export-only
-  rm -rf "$tmp"
 }
 
 promote() {
