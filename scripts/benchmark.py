@@ -492,7 +492,7 @@ def lane_share_table(shares: dict) -> str:
             continue
         rows.append([task, L, name, sh["examples"], sh["committed"], sh["gen"],
                      _f(sh["async_share"], ".3f"), _f(sh["overlap_share"], ".3f")])
-    return md_table(["task", "L", "variant", "examples", "positions committed", "by continuation (GEN) lanes",
+    return md_table(["task", "L", "variant", "examples", "answer positions committed", "by continuation (GEN) lanes",
                      "async share", "overlap share"], rows)
 
 
@@ -501,7 +501,7 @@ LANE_SHARE_LEGEND = (
     "credited to the lane that last committed it. async share: positions a continuation (GEN) lane committed while "
     "a refine lane opened before that call, starting left of the position, stayed open after it (decoding advanced "
     "past text whose refinement had not finished); overlap share: also counting those committed in the same call as "
-    "such a refine lane's last step. Both over every position a lane committed.")
+    "such a refine lane's last step. Both over the answer positions (to the first EOS) a lane committed.")
 
 
 def threshold_table(thresholds: dict) -> str:

@@ -95,9 +95,9 @@ def plot_lane_timeline(trace: list, out_png: Path, title: str = "", prompt_lengt
 
 
 def iter_traces(run_dir: Path):
-    """Yield (example_id, trace) of every example traced in ``run_dir``'s ``traces.jsonl`` (one
-    trace per example: a single-prompt call's, or each row's of a pooled batch; a natively batched
-    call's one trace, which covers every row, is skipped)."""
+    """Yield (example_id, trace, info) of every example traced in ``run_dir``'s ``traces.jsonl``
+    (one trace per example: a single-prompt call's, or each row's of a pooled batch; a natively
+    batched call's one trace, which covers every row, is skipped)."""
     path = Path(run_dir) / "traces.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: rerun with save_traces=true")
@@ -106,20 +106,22 @@ def iter_traces(run_dir: Path):
             continue
         rec = json.loads(line)
         ids = rec["example_ids"]
+        info = rec.get("info") or {}
         if len(ids) == 1:
-            yield ids[0], rec["trace"]
-        elif rec.get("info", {}).get("rows") is not None and len(rec["trace"]) == len(ids):
-            yield from zip(ids, (t or [] for t in rec["trace"]))
+            yield ids[0], rec["trace"], info
+        elif info.get("rows") is not None and len(rec["trace"]) == len(ids):
+            yield from zip(ids, (t or [] for t in rec["trace"]), info["rows"])
 
 
-def lane_shares(trace: list) -> dict:
+def lane_shares(trace: list, answer_tokens: Optional[int] = None) -> dict:
     """How much of one answer a continuation lane produced while refinement to its left was open.
 
     Reads the lane records of an AsyncLane trace (``lanes`` with id/kind/block/committed, ``forks``
     naming the refine lane each fork opens, ``kills``).  A refine (REF) lane is open from the end of
     the iteration whose fork opened it to the last iteration it ran in (or was killed in).  Each
     answer position is credited to the last lane that committed it (a draft verified by a refine
-    lane's row counts as that lane's); a position committed at iteration t by a GEN lane counts as
+    lane's row counts as that lane's; a position ``seeded`` from the call's lookahead when a GEN
+    block advances, a GEN lane's); a position committed at iteration t by a GEN lane counts as
 
     - ``async``: some REF lane opened before t and starting left of the position is still open
       after t (decoding advanced past text whose refinement had not finished: asynchronous
@@ -128,9 +130,11 @@ def lane_shares(trace: list) -> dict:
       iteration t or is still open after it (``async`` plus the continuation's tokens decoded in
       the same call as the refinement's last step, e.g. beside verified drafts).
 
-    Returns counts of positions: ``committed`` (all positions a lane committed), ``gen``
-    (committed by GEN lanes), ``async`` and ``overlap``.  A trace without lane records (another
-    sampler's) has every count 0.
+    ``answer_tokens``: the answer's length (to its first EOS, inclusive: the trace info's
+    ``stitched``); positions past it (EOS tail a lane committed before the cascade cut it) are not
+    counted.  Returns counts of positions: ``committed`` (answer positions a lane committed),
+    ``gen`` (those committed by GEN lanes), ``async`` and ``overlap``.  A trace without lane records
+    (another sampler's) has every count 0.
     """
     born, last = {}, {}
     for rec in trace:
@@ -156,6 +160,11 @@ def lane_shares(trace: list) -> dict:
         for lane in rec.get("lanes", []) or []:
             for p in lane.get("committed", []) or []:
                 credit[p] = (lane["kind"], rec["iteration"])
+        for p in rec.get("seeded", []) or []:  # a GEN block's advance, committed from this call's lookahead
+            credit[p] = ("GEN", rec["iteration"])
+    if answer_tokens is not None and credit:
+        start = min(lane["block"][0] for rec in trace for lane in rec.get("lanes", []) or [])
+        credit = {p: c for p, c in credit.items() if p < start + answer_tokens}
     out = {"committed": len(credit), "gen": 0, "async": 0, "overlap": 0}
     for p, (kind, t) in credit.items():
         if kind != "GEN":
@@ -168,16 +177,17 @@ def lane_shares(trace: list) -> dict:
 
 
 def run_lane_shares(run_dir: Path) -> Optional[dict]:
-    """:func:`lane_shares` summed over every traced example of a run, with the shares of the
-    committed positions (``async_share``, ``overlap_share``) and the number of ``examples``;
-    None when no trace holds lane records."""
+    """:func:`lane_shares` summed over every traced example of a run (each cut at its answer's end
+    where the trace info gives it), with the shares of the committed positions (``async_share``,
+    ``overlap_share``) and the number of ``examples``; None when no trace holds lane records."""
     total = {"committed": 0, "gen": 0, "async": 0, "overlap": 0}
     n = 0
-    for _, trace in iter_traces(run_dir):
+    for _, trace, info in iter_traces(run_dir):
         if not any(rec.get("lanes") for rec in trace):
             continue
         n += 1
-        for k, v in lane_shares(trace).items():
+        stitched = info.get("stitched") if isinstance(info, dict) else None
+        for k, v in lane_shares(trace, len(stitched) if stitched is not None else None).items():
             total[k] += v
     if not n:
         return None

@@ -73,6 +73,12 @@ def test_lane_shares_count_continuation_tokens_beside_open_refinement():
                                                    "committed": [59]}], "forks": [], "kills": []}]
     assert lane_shares(again) == {"committed": 12, "gen": 6, "async": 0, "overlap": 2}
     assert lane_shares([{"iteration": 0, "calls": 1}]) == {"committed": 0, "gen": 0, "async": 0, "overlap": 0}
+    # positions seeded from the lookahead when the continuation's block advances are the continuation's:
+    # 70 seeded at iteration 2 while lane 1 stays open after it is asynchronous
+    seeded = [dict(rec, seeded=[70]) if rec["iteration"] == 2 else rec for rec in ONE_ROW]
+    assert lane_shares(seeded) == {"committed": 13, "gen": 8, "async": 2, "overlap": 4}
+    # an answer of 30 tokens from position 24 ends before 54: 59, 57 and 67 (EOS tail) are not counted
+    assert lane_shares(ONE_ROW, answer_tokens=30) == {"committed": 9, "gen": 5, "async": 0, "overlap": 1}
 
 
 def test_a_killed_refine_lane_is_open_until_its_kill():
@@ -100,5 +106,8 @@ def test_run_lane_shares_pools_single_and_pooled_records(tmp_path):
     got = run_lane_shares(tmp_path)
     assert got == {"committed": 24, "gen": 14, "async": 2, "overlap": 6, "examples": 2,
                    "async_share": 2 / 24, "overlap_share": 6 / 24}
+    recs[0]["info"] = {"stitched": [0] * 30}  # the answer's tokens: positions from 54 on are EOS tail
+    (tmp_path / "traces.jsonl").write_text(json.dumps(recs[0]) + "\n")
+    assert run_lane_shares(tmp_path)["committed"] == 9
     (tmp_path / "traces.jsonl").write_text(json.dumps({"example_ids": ["x"], "trace": [{"iteration": 0}]}) + "\n")
     assert run_lane_shares(tmp_path) is None
