@@ -52,7 +52,8 @@ from ``results/gpu_forward_cost`` when those files exist.  Any of these can stil
 ``--traces`` (default on with ``--long``) asynclane's runs save their per-iteration traces, and the
 tables gain, from them, how much of each answer a continuation lane produced while a refine lane to
 its left was still open (``eval.timeline.lane_shares``), and a lane-timeline PNG of one answer at the
-longest length (``<out>/timeline_*.png``).
+longest length (``<out>/timeline_*.png``).  With ``--long`` the tables end with issue 17's targets,
+each judged on the table's numbers with by how much (:func:`long_targets`).
 
 Runs go one after another (a run is every example of one cell), so load drift on the machine is
 not spread evenly over cells; a batch sweep runs each task/length's batch sizes right after its
@@ -483,6 +484,61 @@ def ablation_table(ablations: dict) -> str:
     return md_table(["task", "L", "variant", "accuracy", "NFE/sample", "tokens/call", "token-fwd/token"], rows)
 
 
+def long_targets(results: dict, target: str = TARGET) -> list[dict]:
+    """Issue 17's targets for ``target`` on each task over its lengths (the longest is "the longest
+    budget"): one dict per target with ``task``, ``target`` (its wording), ``measured`` (the numbers
+    it is judged on) and ``met`` (True / False / None when a number is missing).
+
+    - tokens per call >= 3x the best competitor's, at the longest length;
+    - accuracy within 1 point of the best competitor's, at the longest length;
+    - the fewest model calls (NFE) of all samplers at every length (a tie is not the fewest);
+    - the gap growing with the length: the best competitor's NFE over ``target``'s rising from
+      each length to the next."""
+    out = []
+    for task in dict.fromkeys(t for t, _, _ in results):
+        lengths = sorted({L for t, L, _ in results if t == task})
+        cells = {L: _cells(results, task, L) for L in lengths}
+        if not all(target in c and len(c) > 1 for c in cells.values()):
+            continue
+        top = cells[lengths[-1]]
+        mine = top[target]
+        best_tpc = best_competitor(top, "tokens_per_call", True, target)
+        r = ratio(mine.get("tokens_per_call"), best_tpc[1]) if best_tpc else None
+        out.append({"task": task, "target": f"tokens/call >= 3x the best competitor's at L={lengths[-1]}",
+                    "measured": f"{_f(mine.get('tokens_per_call'), '.2f')} vs {best_tpc[0] if best_tpc else 'n/a'} "
+                                f"{_f(best_tpc[1] if best_tpc else None, '.2f')}: {_f(r, '.2f')}x",
+                    "met": None if r is None else r >= 3})
+        best_acc = best_competitor(top, "accuracy", True, target)
+        gap = None if best_acc is None or mine.get("accuracy") is None else 100 * (best_acc[1] - mine["accuracy"])
+        out.append({"task": task, "target": f"accuracy within 1 point of the best competitor's at L={lengths[-1]}",
+                    "measured": f"{_f(mine.get('accuracy'), '.3f')} vs {best_acc[0] if best_acc else 'n/a'} "
+                                f"{_f(best_acc[1] if best_acc else None, '.3f')}: {_f(gap, '+.1f')} points behind",
+                    "met": None if gap is None else gap <= 1})
+        gaps, fewest, parts = [], True, []
+        for L in lengths:
+            best_nfe = best_competitor(cells[L], "nfe", False, target)
+            mine_nfe = cells[L][target].get("nfe")
+            g = ratio(best_nfe[1], mine_nfe) if best_nfe else None
+            gaps.append(g)
+            fewest = fewest and g is not None and g > 1
+            parts.append(f"L={L}: {_f(mine_nfe, '.1f')} vs {best_nfe[0] if best_nfe else 'n/a'} "
+                         f"{_f(best_nfe[1] if best_nfe else None, '.1f')} ({_f(g, '.2f')}x)")
+        known = None not in gaps
+        out.append({"task": task, "target": "the fewest model calls of all samplers at every length",
+                    "measured": "; ".join(parts), "met": fewest if known else None})
+        rising = known and all(b > a for a, b in zip(gaps, gaps[1:]))
+        out.append({"task": task, "target": "the NFE gap (best competitor's NFE / asynclane's) growing with the length",
+                    "measured": " -> ".join(_f(g, ".2f") + "x" for g in gaps),
+                    "met": (rising if len(gaps) > 1 else None) if known else None})
+    return out
+
+
+def targets_table(rows: list[dict]) -> str:
+    return md_table(["task", "target", "measured", "met?"],
+                    [[r["task"], r["target"], r["measured"], {True: "yes", False: "no", None: "n/a"}[r["met"]]]
+                     for r in rows])
+
+
 def lane_share_table(shares: dict) -> str:
     """shares: {(task, L, variant label): eval.timeline.run_lane_shares(...)} of the traced runs."""
     rows = []
@@ -578,7 +634,8 @@ def batch_section(batches: dict, reference: Optional[str]) -> list[str]:
 
 
 def render(command: str, results: dict, ablations: dict, thresholds: dict, note: str = "",
-           batches: Optional[dict] = None, reference: Optional[str] = None, shares: Optional[dict] = None) -> str:
+           batches: Optional[dict] = None, reference: Optional[str] = None, shares: Optional[dict] = None,
+           targets: bool = False) -> str:
     """The whole benchmark.md (also what is printed); ``batches``: see :func:`batch_rows`."""
     parts = ["# Benchmark", "", f"Command: `{command}`", ""]
     if note:
@@ -597,6 +654,11 @@ def render(command: str, results: dict, ablations: dict, thresholds: dict, note:
                   "Best = the competitor with the best value of that metric at the same task and length "
                   "(most accurate, fewest NFE, most tokens/call, fewest token-forwards/token, highest TPS).", "",
                   ratio_table(results), ""]
+    rows = long_targets(results) if targets else []
+    if rows:
+        parts += [f"## Targets on the long proxy (issue 17), {TARGET}", "",
+                  "Judged on this table's numbers: the best competitor per metric and length, as above; "
+                  "the longest length run stands for the longest budget.", "", targets_table(rows), ""]
     fast = fastest_statements(results)
     if fast:
         parts += ["## Fastest competitor", "", *fast, ""]
@@ -847,7 +909,7 @@ def main(argv=None) -> int:
             f"{first.get('threads', first.get('cpu_threads'))} CPU threads). {len(runs)} runs, {time.perf_counter() - t_all:.0f}s. "
             f"Run directories: `{a.out / 'runs'}`; eval.report outputs: `{a.out / 'report'}`.")
     shares, timeline = (lane_shares_of(plan, a.out, a.model) if a.traces else ({}, None))
-    text = render(cmd, results, ablations, thresholds, note, batches, batch_ref, shares)
+    text = render(cmd, results, ablations, thresholds, note, batches, batch_ref, shares, targets=a.long)
     if timeline:
         text += f"\nLane timeline of one answer: `{timeline}`\n"
     if cost is not None:

@@ -17,7 +17,8 @@
 #     and this project (editable, no network);
 #  2. trains TRAIN_SECONDS (default 420) on the state in scripts/tiny_state/long, a --compact-state
 #     (weights, step, schedule, no optimizer moments: ~28 MB, small enough to travel with the repo);
-#     the first window calibrates a cosine schedule for TOTAL_SECONDS (default 2400) of training;
+#     the first window calibrates a cosine schedule for TOTAL_SECONDS (default 1440: four windows) of
+#     training (about 1.4B tokens if an H100 trains ~1M tokens/s, an estimate the first window measures);
 #  3. the quality bar on the export, through the harness: blockwise one token per step at 256/512/1024
 #     (trace, dep_distance 1: the task's default), and parallel commits at 256 (4 and 8 tokens per
 #     step; fast_dllm at threshold 0.5), the first QUALITY_N (default 50) held-out problems each; with
@@ -47,7 +48,7 @@ WORKERS=${WORKERS:-14}
 THREADS=${THREADS:-2}
 BATCH_TOKENS=${BATCH_TOKENS:-65536}
 TRAIN_SECONDS=${TRAIN_SECONDS:-360}
-TOTAL_SECONDS=${TOTAL_SECONDS:-2400}
+TOTAL_SECONDS=${TOTAL_SECONDS:-1440}
 QUALITY_N=${QUALITY_N:-50}
 PARITY=${PARITY:-0}  # 1: also the one-token runs on fp16 weights (the window before promote)
 LENGTHS=${LENGTHS:-256,512,1024}

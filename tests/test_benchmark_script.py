@@ -371,6 +371,7 @@ def test_long_invocation_traces_asynclane_and_writes_the_lane_share_table(bench,
         assert f"| {task} | 256 | speculate off |" in md
         assert re.search(rf"\| {task} \| 256 \| asynclane \(full\) \| 1 \| \d+ \| \d+ \| [\d.]+ \| [\d.]+ \|", md), md
     assert "## asynclane: what continuation lanes produced while refinement was open" in md
+    assert "## Targets on the long proxy (issue 17), asynclane" in md
     assert "fast_dllm threshold" not in md and "compact_refresh off" not in md
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["trace-dep_distance1", "trace-dep_distance7"]
     assert (out / "runs" / "trace-dep_distance7" / "tiny_long-asynclane-no_speculate-L256" / "traces.jsonl").exists()
@@ -393,3 +394,27 @@ def test_tiny_long_without_its_weights_is_one_line(tmp_path):
     err = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("error: model tiny_long: its embedded weights are not in this checkout")
     assert "model.path=" in err[0] and not list(tmp_path.glob("*.jsonl"))
+
+
+def test_long_targets_judge_each_target_and_say_by_how_much(bench):
+    def cell(acc, nfe, tpc):
+        return {"accuracy": acc, "nfe": nfe, "tokens_per_call": tpc}
+
+    t = "trace:dep_distance=1"
+    results = {(t, 256, "d3llm"): cell(0.90, 20.0, 10.0), (t, 256, "asynclane"): cell(0.90, 10.0, 20.0),
+               (t, 512, "d3llm"): cell(0.90, 40.0, 10.0), (t, 512, "asynclane"): cell(0.89, 15.0, 27.0),
+               (t, 1024, "d3llm"): cell(0.92, 80.0, 10.0), (t, 1024, "asynclane"): cell(0.90, 25.0, 32.0),
+               (t, 1024, "blockwise"): cell(0.95, 1024.0, 1.0)}
+    rows = bench.long_targets(results)
+    assert [r["met"] for r in rows] == [True, False, True, True]
+    assert rows[0]["measured"] == "32.00 vs d3llm 10.00: 3.20x"
+    assert rows[1]["measured"] == "0.900 vs blockwise 0.950: +5.0 points behind"
+    assert rows[3]["measured"] == "2.00x -> 2.67x -> 3.20x"
+    results[(t, 512, "asynclane")] = cell(0.89, 45.0, 9.0)  # more calls than d3llm at 512
+    rows = bench.long_targets(results)
+    assert [r["met"] for r in rows] == [True, False, False, False]
+    assert "L=512: 45.0 vs d3llm 40.0 (0.89x)" in rows[2]["measured"]
+    text = bench.render("cmd", results, {}, {}, targets=True)
+    assert "## Targets on the long proxy (issue 17), asynclane" in text and "| trace:dep_distance=1 | tokens/call" in text
+    assert "## Targets" not in bench.render("cmd", results, {}, {})
+    assert bench.long_targets({(t, 256, "asynclane"): cell(1, 1, 1)}) == []  # nothing to compare with
