@@ -11,6 +11,14 @@
 #                                          # and log into results/tiny_long_windows/step<N>
 #   bash scripts/gpu_long.sh promote       # here, once the bar holds: the state's weights in fp16 (the
 #                                          # window checked fp16 == fp32 completions) as src/asynclane/tiny_long
+#   device run: "bash scripts/gpu_long.sh bench", carry [".whl"]   # after promote: the long benchmark
+#   bash scripts/gpu_long.sh unpack-bench DIR                    # here: its results into results/
+#
+# bench (on the GPU machine): scripts/benchmark.py --long (BENCH_ARGS, default --extra device=cuda)
+# for at most BENCH_SECONDS (default 480); a run cut off there resumes at the next bench window (the
+# rows written so far travel back with the repository: results/benchmark_long is not ignored), and
+# ORACLE=1 adds scripts/oracle_floor.py --long once the benchmark is complete; $OUT/bench.tar.gz holds
+# results/benchmark_long.
 #
 # window (on the GPU machine, $OUT set by the device tool):
 #  1. installs hydra-core/omegaconf/antlr4 from .whl/ (the image has torch, transformers, pandas...)
@@ -50,6 +58,7 @@ BATCH_TOKENS=${BATCH_TOKENS:-65536}
 TRAIN_SECONDS=${TRAIN_SECONDS:-360}
 TOTAL_SECONDS=${TOTAL_SECONDS:-1440}
 QUALITY_N=${QUALITY_N:-50}
+BENCH_OUT=${BENCH_OUT:-results/benchmark_long}
 PARITY=${PARITY:-0}  # 1: also the one-token runs on fp16 weights (the window before promote)
 LENGTHS=${LENGTHS:-256,512,1024}
 PY=${PY:-python3}
@@ -137,6 +146,36 @@ unpack() {
   "$PY" scripts/train_tiny.py $MODEL $RECIPE --state "$STATE" --out "$EXPORT" --export-only
 }
 
+bench() {
+  : "${OUT:?OUT must name the folder whose files come back}"
+  install
+  local out=$BENCH_OUT
+  # shellcheck disable=SC2086
+  if timeout "${BENCH_SECONDS:-480}" "$PY" scripts/benchmark.py --long --out "$out" ${BENCH_ARGS:---extra device=cuda} \
+      > "$OUT/bench.out" 2>&1; then
+    tail -n 60 "$OUT/bench.out"
+    if [ "${ORACLE:-0}" = 1 ]; then
+      # shellcheck disable=SC2086
+      "$PY" scripts/oracle_floor.py --long --device "$DEVICE" --benchmark "$out" ${ORACLE_ARGS:-} \
+        | tee "$out/oracle_floor.md"
+    fi
+  else
+    tail -n 20 "$OUT/bench.out"
+    echo "benchmark stopped (time limit or error above): a bench window resumes it"
+  fi
+  mkdir -p "$out"
+  cp "$OUT/bench.out" "$out/"
+  tar czf "$OUT/bench.tar.gz" -C "$(dirname "$out")" "$(basename "$out")"
+  rm -f "$OUT/bench.out"
+}
+
+unpack_bench() {
+  local dir=${1:?usage: bash scripts/gpu_long.sh unpack-bench FILES_AT}
+  mkdir -p "$(dirname "$BENCH_OUT")"
+  tar xzf "$dir/bench.tar.gz" -C "$(dirname "$BENCH_OUT")"
+  ls "$BENCH_OUT"
+}
+
 promote() {
   "$PY" scripts/train_tiny.py $MODEL $RECIPE --state "$STATE" --out "$PROMOTED" --export-only --export-dtype fp16
 }
@@ -146,5 +185,8 @@ case "${1:-}" in
   window) window ;;
   unpack) shift; unpack "$@" ;;
   promote) promote ;;
-  *) echo "usage: bash scripts/gpu_long.sh wheels|window|unpack FILES_AT|promote" >&2; exit 2 ;;
+  bench) bench ;;
+  unpack-bench) shift; unpack_bench "$@" ;;
+  *) echo "usage: bash scripts/gpu_long.sh wheels|window|unpack FILES_AT|promote|bench|unpack-bench FILES_AT" >&2
+     exit 2 ;;
 esac

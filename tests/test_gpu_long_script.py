@@ -2,7 +2,9 @@
 window trains a chunk on a compact state, evaluates through the harness (with the fp16 parity
 runs) and leaves at most 8 files; a second window resumes from the carried state; unpack restores
 the state, the export and the window's results; promote writes fp16 weights that load; a window
-whose evaluation never ran (no rest.tar.gz) still unpacks."""
+whose evaluation never ran (no rest.tar.gz) still unpacks; bench runs the long benchmark and the
+oracle floor on the promoted model and brings them back, and a bench cut off by its time limit says
+so and still packs what it has."""
 from __future__ import annotations
 
 import json
@@ -57,3 +59,21 @@ def test_windows_unpack_and_promote_on_a_small_cpu_model(tmp_path):
     assert load_backbone(tmp_path / "promoted").spec.max_length == 600
     (out2 / "rest.tar.gz").unlink()  # the evaluation ran out of time: the state alone still unpacks
     _run(["unpack", str(out2)], here)
+
+    # bench on the promoted model: the long benchmark (two samplers, L=256) and the oracle floor
+    bench = {**here, "BENCH_OUT": str(tmp_path / "b" / "benchmark_long"), "ORACLE": "1",
+             "BENCH_ARGS": f"--samplers d3llm,asynclane --lengths 256 --limit 1 --threads 1 "
+                           f"--extra model.path={tmp_path / 'promoted'}",
+             "ORACLE_ARGS": f"--model-path {tmp_path / 'promoted'} --lengths 256 --limit 1"}
+    out3 = tmp_path / "out3"
+    out3.mkdir()
+    said = _run(["bench"], {**bench, "OUT": str(out3)})
+    assert "oracle tokens/call" in said and [p.name for p in out3.iterdir()] == ["bench.tar.gz"]
+    _run(["unpack-bench", str(out3)], {**bench, "BENCH_OUT": str(tmp_path / "u" / "benchmark_long")})
+    got = tmp_path / "u" / "benchmark_long"
+    assert "## Targets on the long proxy (issue 17)" in (got / "benchmark.md").read_text()
+    assert "| trace:dep_distance=7 | 256 |" in (got / "oracle_floor.md").read_text()
+    cut = _run(["bench"], {**bench, "OUT": str(out3), "BENCH_SECONDS": "1", "ORACLE": "0",
+                           "BENCH_OUT": str(tmp_path / "c" / "benchmark_long")})
+    assert "benchmark stopped (time limit or error above): a bench window resumes it" in cut
+    assert (out3 / "bench.tar.gz").exists()
