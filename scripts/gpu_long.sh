@@ -77,7 +77,14 @@ install() {
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
-  "$PY" -c "import eval.conf" 2>/dev/null || "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
+  if ! "$PY" -c "import eval.conf" 2>/dev/null; then
+    # this project, editable and offline; failing that, from src/ with conf/ linked in as eval.conf
+    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || {
+      ln -sfn ../../conf src/eval/conf
+      export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+    }
+    "$PY" -c "import eval.conf, asynclane, baselines"
+  fi
 }
 
 window() {
