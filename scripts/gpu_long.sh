@@ -38,6 +38,10 @@
 # Time: 360 s of training, ~40 s of start-up and calibration, the evaluation ~1-2 min on an H100
 # (estimated, not yet measured): under the 10-minute limit of one command.
 #
+# Size: what travels to the device (tracked files ~32 MB, .whl 0.4 MB, the carried state 27.6 MB) must
+# stay under 64 MiB, so promote (which adds the fp16 model, 13.8 MB, to the tracked files) comes after
+# the last training window; bench windows carry no state.
+#
 # Every knob is an environment variable (defaults below), so the same script runs a short CPU check:
 #   OUT=/tmp/w DEVICE=cpu AMP= WORKERS=0 THREADS=2 MODEL="--d-model 32 --layers 1 --heads 2 --mlp 64" \
 #   BATCH_TOKENS=4096 TRAIN_SECONDS=20 TOTAL_SECONDS=60 QUALITY_N=2 LENGTHS=256 bash scripts/gpu_long.sh window
