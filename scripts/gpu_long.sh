@@ -40,7 +40,9 @@
 #
 # Size: what travels to the device (tracked files ~32 MB, .whl 0.4 MB, the carried state 27.6 MB) must
 # stay under 64 MiB, so promote (which adds the fp16 model, 13.8 MB, to the tracked files) comes after
-# the last training window; bench windows carry no state.
+# the last training window; bench windows carry no state.  The state lives in an ignored folder; a
+# session that ends between windows commits it (git add -f scripts/tiny_state/long: it then travels as a
+# tracked file, no carry needed) and the session after promote removes it from git again.
 #
 # Every knob is an environment variable (defaults below), so the same script runs a short CPU check:
 #   OUT=/tmp/w DEVICE=cpu AMP= WORKERS=0 THREADS=2 MODEL="--d-model 32 --layers 1 --heads 2 --mlp 64" \
