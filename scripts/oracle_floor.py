@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     try:
         bb = load_backbone(model_path(args.model_path, args.model), device=args.device)
     except CheckpointNotFound as e:
-        ap.error(f"{e} (here: --model-path DIR)")
+        ap.error(f"--model {args.model}: {e} (here: --model-path DIR)")
     tok, eos = bb.tokenizer, bb.spec.eos_id
     t0 = time.perf_counter()
     print("| task | L | problems | oracle calls/answer (mean, min-max) | teacher-forced commits/answer | "

@@ -392,7 +392,7 @@ def test_tiny_long_without_its_weights_is_one_line(tmp_path):
                           f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode != 0
     err = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(err) == 1 and err[0].startswith("error: model tiny_long: its embedded weights are not in this checkout")
+    assert len(err) == 1 and err[0].startswith("error: model=tiny_long: its embedded weights are not in this checkout")
     assert "model.path=" in err[0] and not list(tmp_path.glob("*.jsonl"))
 
 

@@ -45,7 +45,7 @@ def model_path(path: Optional[Union[str, os.PathLike]], name: str = "tiny") -> U
     d = EMBEDDED.get(name, TINY_DIR)
     if not (d / "config.json").exists():
         raise CheckpointNotFound(
-            f"model {name}: its embedded weights are not in this checkout ({d} has no config.json). tiny_long is "
+            f"its embedded weights are not in this checkout ({d} has no config.json). tiny_long is "
             f"trained by scripts/train_tiny.py on a GPU (issue 17; recipe and CPU pilot in results/tiny_long_pilot); "
             f"give model.path=<a trained checkpoint directory>, or use model=tiny")
     return d

@@ -290,8 +290,8 @@ class AsyncLaneLM(LM):
         self.settings = resolve_settings(**kwargs)
         s = self.settings
         self.fingerprint = s.fingerprint()
-        self.backbone = cached_backbone(s.model, model_path(s.path, s.model), resolve_dtype(s.dtype), torch.device(s.device),
-                                        compile=s.compile)
+        self.backbone = cached_backbone(s.model, model_path(s.path, s.model), resolve_dtype(s.dtype),
+                                        torch.device(s.device), compile=s.compile)
         self.tokenizer = self.backbone.tokenizer
         self._build_sampler = lambda L: build_sampler(s.sampler, **s.sampler_options, gen_length=L)
         self._samplers: dict[int, Any] = {}

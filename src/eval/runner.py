@@ -347,7 +347,7 @@ def _checkpoint_errors(model: dict):
                 hint = f"; model={name} ships in the package: leave model.path unset (null)"
             elif hub_id is not None and f"hf download {hub_id}" not in str(e):
                 hint = f"; for model={name}: `hf download {hub_id} --local-dir DIR`, then model.path=DIR"
-        raise UsageError(f"{e}{hint}" if str(e).startswith(f"model {name}:") else f"model={name}: {e}{hint}") from e
+        raise UsageError(f"model={name}: {e}{hint}") from e
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict:

@@ -19,26 +19,41 @@ def load_trace(run_dir: Path, example_id: Optional[str] = None) -> tuple[str, li
     A record of a batch holds one trace per example when the sampler pooled its rows
     (:mod:`asynclane.rowpool`: ``info["rows"]``); a natively batched call's one trace covers every
     row and cannot be drawn per example."""
+    seen = []
+    for rec in _records(run_dir):
+        ids = rec["example_ids"]
+        seen += ids
+        if example_id is None or example_id in ids:
+            per = _per_example(rec)
+            if per is None:
+                raise ValueError("the trace of a natively batched generate call covers every row: it cannot be "
+                                 "drawn per example (rerun with batch_size=1)")
+            return per[0 if example_id is None else ids.index(example_id)]
+    raise KeyError(f"example {example_id!r} is not in {Path(run_dir) / 'traces.jsonl'}; traced examples: "
+                   f"{', '.join(seen[:20])}")
+
+
+def _records(run_dir: Path):
+    """The records of ``run_dir``'s ``traces.jsonl`` (one per generate call), in order."""
     path = Path(run_dir) / "traces.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: rerun with save_traces=true")
-    seen = []
     for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        seen += rec["example_ids"]
-        ids = rec["example_ids"]
-        if example_id is None or example_id in ids:
-            i = 0 if example_id is None else ids.index(example_id)
-            if len(ids) == 1:
-                return ids[0], rec["trace"], rec.get("info", {})
-            rows = rec.get("info", {}).get("rows")
-            if rows is None or not isinstance(rec["trace"], list) or len(rec["trace"]) != len(ids):
-                raise ValueError("the trace of a natively batched generate call covers every row: it cannot be "
-                                 "drawn per example (rerun with batch_size=1)")
-            return ids[i], rec["trace"][i] or [], rows[i]
-    raise KeyError(f"example {example_id!r} is not in {path}; traced examples: {', '.join(seen[:20])}")
+        if line.strip():
+            yield json.loads(line)
+
+
+def _per_example(rec: dict) -> Optional[list]:
+    """[(example_id, trace, info)] of one record: a single prompt's, or each row's of a pooled batch
+    (:mod:`asynclane.rowpool`: ``info["rows"]``); None for a natively batched call, whose one trace
+    covers every row."""
+    ids, info = rec["example_ids"], rec.get("info") or {}
+    if len(ids) == 1:
+        return [(ids[0], rec["trace"], info)]
+    rows = info.get("rows")
+    if rows is None or not isinstance(rec["trace"], list) or len(rec["trace"]) != len(ids):
+        return None
+    return [(i, t or [], r) for i, t, r in zip(ids, rec["trace"], rows)]
 
 
 def plot_lane_timeline(trace: list, out_png: Path, title: str = "", prompt_length: int = 0) -> Path:
@@ -98,19 +113,8 @@ def iter_traces(run_dir: Path):
     """Yield (example_id, trace, info) of every example traced in ``run_dir``'s ``traces.jsonl``
     (one trace per example: a single-prompt call's, or each row's of a pooled batch; a natively
     batched call's one trace, which covers every row, is skipped)."""
-    path = Path(run_dir) / "traces.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: rerun with save_traces=true")
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        ids = rec["example_ids"]
-        info = rec.get("info") or {}
-        if len(ids) == 1:
-            yield ids[0], rec["trace"], info
-        elif info.get("rows") is not None and len(rec["trace"]) == len(ids):
-            yield from zip(ids, (t or [] for t in rec["trace"]), info["rows"])
+    for rec in _records(run_dir):
+        yield from _per_example(rec) or []
 
 
 def lane_shares(trace: list, answer_tokens: Optional[int] = None) -> dict:
@@ -136,7 +140,7 @@ def lane_shares(trace: list, answer_tokens: Optional[int] = None) -> dict:
     ``gen`` (those committed by GEN lanes), ``async`` and ``overlap``.  A trace without lane records
     (another sampler's) has every count 0.
     """
-    born, last = {}, {}
+    born, last, starts = {}, {}, {}
     for rec in trace:
         it = rec["iteration"]
         for f in rec.get("forks", []) or []:
@@ -144,16 +148,10 @@ def lane_shares(trace: list, answer_tokens: Optional[int] = None) -> dict:
                 born.setdefault(f["ref"], it)
         for lane in rec.get("lanes", []) or []:
             if lane["kind"] == "REF":
-                last[lane["id"]] = it
-        for k in rec.get("kills", []) or []:
-            lid = k.get("lane", k.get("id")) if isinstance(k, dict) else k
+                last[lane["id"]], starts[lane["id"]] = it, lane["block"][0]
+        for lid in rec.get("kills", []) or []:  # lane ids (LaneTree.cascade)
             if lid in born:
                 last[lid] = max(last.get(lid, it), it)
-    starts = {}
-    for rec in trace:
-        for lane in rec.get("lanes", []) or []:
-            if lane["kind"] == "REF":
-                starts[lane["id"]] = lane["block"][0]
     refs = [(starts[r], born[r], last.get(r, born[r])) for r in starts if r in born]
     credit = {}  # position -> (kind, iteration)
     for rec in trace:
@@ -186,7 +184,7 @@ def run_lane_shares(run_dir: Path) -> Optional[dict]:
         if not any(rec.get("lanes") for rec in trace):
             continue
         n += 1
-        stitched = info.get("stitched") if isinstance(info, dict) else None
+        stitched = info.get("stitched")
         for k, v in lane_shares(trace, len(stitched) if stitched is not None else None).items():
             total[k] += v
     if not n:
